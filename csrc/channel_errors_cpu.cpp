@@ -1,0 +1,518 @@
+// CPU kernels of the three channel-error ops (math: l2t_fast/backends/_registration.py).
+//
+// Work is split per sample (parallel over the batch) and per target layer: the regressors
+// of every pair that reads target layer n are stacked into one [rows, Ct] matrix, so a
+// single product with a tile of the sample's target map, [Ct, tile], projects all those
+// pairs at once. The tile of D = S~ - W T - b ([rows, tile], a few hundred KB at most) is
+// then finished in place: the bilinear resize of the small source map, the subtraction
+// and the reductions, and it is recomputed in the backward instead of being stored.
+// Nothing of size [B, Cs, Ht, Wt] is ever allocated.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <mutex>
+
+#include "channel_errors.h"
+
+namespace l2t_fast {
+namespace {
+
+constexpr int64_t kTile = 256;  // HW positions per block: [rows, 256] floats stay in L2
+
+// A [C, H*W] view of one sample of a feature map, when H and W can be merged.
+at::Tensor sample_matrix(const at::Tensor& map, int64_t b) {
+  return map.select(0, b).flatten(1);
+}
+
+// Feature maps whose H and W cannot be merged into one stride (rare views) are copied;
+// NCHW and channels_last inputs are used as they are.
+at::Tensor mergeable(const at::Tensor& map) {
+  const bool ok = map.size(3) == 1 || map.size(2) == 1 || map.stride(2) == map.stride(3) * map.size(3);
+  return ok ? map : map.contiguous();
+}
+
+// Samples one source channel at a block of target positions (whole target rows), and
+// spreads gradients back: F.interpolate's bilinear resize and its transpose, done
+// separably (first between two source rows, then along the row).
+template <typename scalar_t>
+struct Resampler {
+  bool identity = false;
+  int64_t source_width = 0, target_width = 0;
+  std::vector<int64_t> row_lo, row_hi, col_lo, col_hi;
+  std::vector<scalar_t> row_weight, col_weight;
+
+  Resampler(const AxisResize& rows, const AxisResize& cols, int64_t source_height,
+            int64_t source_width_)
+      : source_width(source_width_), target_width(static_cast<int64_t>(cols.lo.size())) {
+    identity = source_height == static_cast<int64_t>(rows.lo.size()) &&
+               source_width == target_width;
+    row_lo = rows.lo, row_hi = rows.hi, col_lo = cols.lo, col_hi = cols.hi;
+    for (double w : rows.weight) row_weight.push_back(static_cast<scalar_t>(w));
+    for (double w : cols.weight) col_weight.push_back(static_cast<scalar_t>(w));
+  }
+
+  // out[j] = S~[p0 + j] for j < len; `between` holds source_width scratch values.
+  void sample(const scalar_t* channel, int64_t p0, int64_t len, scalar_t* out,
+              scalar_t* between) const {
+    if (identity) {
+      std::copy(channel + p0, channel + p0 + len, out);
+      return;
+    }
+    for (int64_t h = p0 / target_width; h * target_width < p0 + len; ++h, out += target_width) {
+      const scalar_t* top = channel + row_lo[h] * source_width;
+      const scalar_t* bottom = channel + row_hi[h] * source_width;
+      const scalar_t ly = row_weight[h];
+      for (int64_t x = 0; x < source_width; ++x) between[x] = top[x] + ly * (bottom[x] - top[x]);
+      for (int64_t w = 0; w < target_width; ++w) {
+        const scalar_t left = between[col_lo[w]];
+        out[w] = left + col_weight[w] * (between[col_hi[w]] - left);
+      }
+    }
+  }
+
+  // The transpose of `sample`: adds resize^T(grad[0:len]) onto the source channel.
+  void spread(scalar_t* channel, int64_t p0, int64_t len, const scalar_t* grad,
+              scalar_t* between) const {
+    if (identity) {
+      for (int64_t j = 0; j < len; ++j) channel[p0 + j] += grad[j];
+      return;
+    }
+    for (int64_t h = p0 / target_width; h * target_width < p0 + len; ++h, grad += target_width) {
+      std::fill(between, between + source_width, scalar_t(0));
+      for (int64_t w = 0; w < target_width; ++w) {
+        const scalar_t right = col_weight[w] * grad[w];
+        between[col_lo[w]] += grad[w] - right;
+        between[col_hi[w]] += right;
+      }
+      scalar_t* top = channel + row_lo[h] * source_width;
+      scalar_t* bottom = channel + row_hi[h] * source_width;
+      const scalar_t ly = row_weight[h];
+      for (int64_t x = 0; x < source_width; ++x) {
+        const scalar_t down = ly * between[x];
+        top[x] += between[x] - down;
+        bottom[x] += down;
+      }
+    }
+  }
+};
+
+// Per-worker scratch: the resamplers of every pair and two rows of scratch.
+template <typename scalar_t>
+struct Scratch {
+  std::vector<Resampler<scalar_t>> resample;  // per pair
+  std::vector<scalar_t> row, between;
+};
+
+// Everything a kernel needs, prepared once per call.
+struct Prepared {
+  PairPlan plan;
+  std::vector<at::Tensor> source;  // contiguous NCHW
+  std::vector<at::Tensor> target;  // H and W mergeable
+  std::vector<at::Tensor> weight_stack, bias_stack;  // per group
+  std::vector<std::pair<AxisResize, AxisResize>> resize;  // per pair
+
+  Prepared(at::TensorList source_in, at::TensorList target_in, at::TensorList weight,
+           at::TensorList bias, at::IntArrayRef pair_source, at::IntArrayRef pair_target)
+      : plan(make_plan(source_in, target_in, weight, bias, pair_source, pair_target)) {
+    for (const auto& s : source_in) source.push_back(s.contiguous());
+    for (const auto& t : target_in) target.push_back(mergeable(t));
+    for (const auto& group : plan.groups) {
+      weight_stack.push_back(stack_rows(weight, group));
+      bias_stack.push_back(stack_rows(bias, group));
+    }
+    for (size_t i = 0; i < pair_source.size(); ++i) {
+      const auto& s = source[pair_source[i]];
+      const auto& t = target[pair_target[i]];
+      resize.emplace_back(axis_resize(s.size(2), t.size(2)), axis_resize(s.size(3), t.size(3)));
+    }
+  }
+};
+
+// Positions per block: whole target rows, about kTile of them.
+int64_t tile_length(int64_t height, int64_t width) {
+  return std::min(height, std::max<int64_t>(1, kTile / width)) * width;
+}
+
+// The largest block of any group, in elements, and the longest tile, in positions.
+std::pair<int64_t, int64_t> largest_block(const Prepared& prep) {
+  int64_t size = 0, longest = 0;
+  for (const auto& group : prep.plan.groups) {
+    const at::Tensor& t = prep.target[group.target];
+    const int64_t tile = tile_length(t.size(2), t.size(3));
+    size = std::max(size, group.rows * tile);
+    longest = std::max(longest, tile);
+  }
+  return {size, longest};
+}
+
+// Visits every block (sample b, group g, positions [p0, p0 + len)) with D = S~ - W T - b
+// computed in `d` ([rows, len], contiguous). `visit(state, b, g, p0, len, d, scratch)` runs
+// on the worker that owns sample b; `State` holds that worker's private accumulators and
+// is merged with `finish(state)` under a lock.
+template <typename scalar_t, typename State, typename MakeState, typename Visit,
+          typename Finish>
+void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, MakeState make_state,
+                    Visit visit, Finish finish) {
+  const auto& plan = prep.plan;
+  const auto [block_size, longest_tile] = largest_block(prep);
+  int64_t widest_source = 0;
+  for (const auto& s : prep.source) widest_source = std::max(widest_source, s.size(3));
+  std::mutex merge;
+  at::parallel_for(0, plan.batch, 1, [&](int64_t begin, int64_t end) {
+    // Thread-local, so each worker sets it again.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    State state = make_state();
+    at::Tensor buffer = at::empty({block_size}, prep.source[0].options());
+    Scratch<scalar_t> scratch;
+    scratch.row.resize(longest_tile);
+    scratch.between.resize(widest_source);
+    for (size_t i = 0; i < pair_source.size(); ++i) {
+      const at::Tensor& s = prep.source[pair_source[i]];
+      scratch.resample.emplace_back(prep.resize[i].first, prep.resize[i].second, s.size(2),
+                                    s.size(3));
+    }
+    for (int64_t b = begin; b < end; ++b) {
+      for (size_t g = 0; g < plan.groups.size(); ++g) {
+        const auto& group = plan.groups[g];
+        const at::Tensor& t = prep.target[group.target];
+        const at::Tensor t_b = sample_matrix(t, b);
+        const int64_t hw = t.size(2) * t.size(3), tile = tile_length(t.size(2), t.size(3));
+        const scalar_t* bias = prep.bias_stack[g].data_ptr<scalar_t>();
+        for (int64_t p0 = 0; p0 < hw; p0 += tile) {
+          const int64_t len = std::min(tile, hw - p0);
+          at::Tensor d = buffer.narrow(0, 0, group.rows * len).view({group.rows, len});
+          at::mm_out(d, prep.weight_stack[g], t_b.narrow(1, p0, len));
+          scalar_t* d_data = d.data_ptr<scalar_t>();
+          scalar_t* resized = scratch.row.data();
+          for (size_t k = 0; k < group.pairs.size(); ++k) {
+            const int64_t i = group.pairs[k];
+            const at::Tensor& s = prep.source[pair_source[i]];
+            const int64_t cs = s.size(1), plane = s.size(2) * s.size(3);
+            const scalar_t* s_b = s.data_ptr<scalar_t>() + b * cs * plane;
+            for (int64_t c = 0; c < cs; ++c) {
+              const int64_t r = group.row_offset[k] + c;
+              scratch.resample[i].sample(s_b + c * plane, p0, len, resized,
+                                         scratch.between.data());
+              scalar_t* row = d_data + r * len;
+              const scalar_t bias_r = bias[r];
+              for (int64_t j = 0; j < len; ++j) row[j] = resized[j] - row[j] - bias_r;
+            }
+          }
+          visit(state, b, g, p0, len, d, scratch);
+        }
+      }
+    }
+    std::lock_guard<std::mutex> lock(merge);
+    finish(state);
+  });
+}
+
+struct NoState {};
+
+at::Tensor channel_errors_cpu(at::TensorList source, at::TensorList target,
+                              at::TensorList weight, at::TensorList bias,
+                              at::IntArrayRef pair_source, at::IntArrayRef pair_target) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels are below autograd
+  const Prepared prep(source, target, weight, bias, pair_source, pair_target);
+  const auto& plan = prep.plan;
+  at::Tensor errors = at::zeros({plan.batch, plan.columns}, prep.source[0].options());
+  AT_DISPATCH_FLOATING_TYPES(errors.scalar_type(), "channel_errors_cpu", [&] {
+    scalar_t* e = errors.data_ptr<scalar_t>();
+    for_each_block<scalar_t, NoState>(
+        prep, pair_source, [] { return NoState{}; },
+        [&](NoState&, int64_t b, size_t g, int64_t, int64_t len, const at::Tensor& d,
+            Scratch<scalar_t>&) {
+          const auto& group = plan.groups[g];
+          const at::Tensor& t = prep.target[group.target];
+          const scalar_t inv_hw = scalar_t(1) / static_cast<scalar_t>(t.size(2) * t.size(3));
+          const scalar_t* d_data = d.data_ptr<scalar_t>();
+          for (size_t k = 0; k < group.pairs.size(); ++k) {
+            const int64_t i = group.pairs[k];
+            const int64_t cs = prep.source[pair_source[i]].size(1);
+            scalar_t* e_b = e + b * plan.columns + plan.column_offset[i];
+            for (int64_t c = 0; c < cs; ++c) {
+              const scalar_t* row = d_data + (group.row_offset[k] + c) * len;
+              scalar_t sum = 0;
+              for (int64_t j = 0; j < len; ++j) sum += row[j] * row[j];
+              e_b[c] += sum * inv_hw;
+            }
+          }
+        },
+        [](NoState&) {});
+  });
+  return errors;
+}
+
+// Per-worker sums over samples of the stacked weight and bias gradients, per group.
+struct GroupSums {
+  std::vector<at::Tensor> weight, bias;
+};
+
+GroupSums make_group_sums(const Prepared& prep, bool weights, bool biases) {
+  GroupSums sums;
+  for (size_t g = 0; g < prep.plan.groups.size(); ++g) {
+    if (weights) sums.weight.push_back(at::zeros_like(prep.weight_stack[g]));
+    if (biases) sums.bias.push_back(at::zeros_like(prep.bias_stack[g]));
+  }
+  return sums;
+}
+
+void add_group_sums(GroupSums& total, const GroupSums& part) {
+  for (size_t g = 0; g < part.weight.size(); ++g) total.weight[g].add_(part.weight[g]);
+  for (size_t g = 0; g < part.bias.size(); ++g) total.bias[g].add_(part.bias[g]);
+}
+
+std::vector<at::Tensor> split_group_sums(const std::vector<at::Tensor>& sums,
+                                         const Prepared& prep, at::TensorList like) {
+  std::vector<at::Tensor> per_pair;
+  for (const auto& t : like) per_pair.push_back(at::empty_like(t, at::MemoryFormat::Contiguous));
+  for (size_t g = 0; g < sums.size(); ++g) scatter_rows(sums[g], prep.plan.groups[g], per_pair);
+  return per_pair;
+}
+
+// Scales the rows of a [rows, len] block by (2 / HW) * grad_errors[b, column(row)].
+template <typename scalar_t>
+void scale_rows(scalar_t* block, const scalar_t* scaled_grad_b, const TargetGroup& group,
+                const PairPlan& plan, const Prepared& prep, at::IntArrayRef pair_source,
+                int64_t len) {
+  for (size_t k = 0; k < group.pairs.size(); ++k) {
+    const int64_t i = group.pairs[k];
+    const int64_t cs = prep.source[pair_source[i]].size(1);
+    for (int64_t c = 0; c < cs; ++c) {
+      const scalar_t factor = scaled_grad_b[plan.column_offset[i] + c];
+      scalar_t* row = block + (group.row_offset[k] + c) * len;
+      for (int64_t j = 0; j < len; ++j) row[j] *= factor;
+    }
+  }
+}
+
+// resize^T of a block's rows, added onto the pairs' source gradients of sample b.
+template <typename scalar_t>
+void spread_rows(std::vector<at::Tensor>& grad_source, const scalar_t* block, int64_t b,
+                 const TargetGroup& group, at::IntArrayRef pair_source,
+                 Scratch<scalar_t>& scratch, int64_t p0, int64_t len) {
+  for (size_t k = 0; k < group.pairs.size(); ++k) {
+    const int64_t i = group.pairs[k];
+    at::Tensor& gs = grad_source[pair_source[i]];
+    const int64_t cs = gs.size(1), plane = gs.size(2) * gs.size(3);
+    scalar_t* gs_b = gs.data_ptr<scalar_t>() + b * cs * plane;
+    for (int64_t c = 0; c < cs; ++c) {
+      scratch.resample[i].spread(gs_b + c * plane, p0, len,
+                                 block + (group.row_offset[k] + c) * len,
+                                 scratch.between.data());
+    }
+  }
+}
+
+std::vector<at::Tensor> zeros_like_all(const std::vector<at::Tensor>& like) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : like) out.push_back(at::zeros_like(t));
+  return out;
+}
+
+// (2 / HW) * grad_errors, per column: the factor that turns D into the gradient of the
+// squared error.
+at::Tensor scaled_grad(const at::Tensor& grad_errors, const Prepared& prep,
+                       at::IntArrayRef pair_target) {
+  std::vector<double> factor(prep.plan.columns);
+  for (size_t i = 0; i < pair_target.size(); ++i) {
+    const auto& t = prep.target[pair_target[i]];
+    const int64_t cs = (i + 1 < pair_target.size() ? prep.plan.column_offset[i + 1]
+                                                   : prep.plan.columns) -
+                       prep.plan.column_offset[i];
+    for (int64_t c = 0; c < cs; ++c)
+      factor[prep.plan.column_offset[i] + c] = 2.0 / static_cast<double>(t.size(2) * t.size(3));
+  }
+  at::Tensor f = at::tensor(factor, at::TensorOptions().dtype(at::kDouble))
+                     .to(grad_errors.scalar_type());
+  return (grad_errors * f).contiguous();
+}
+
+void check_grad_errors(const at::Tensor& grad_errors, const Prepared& prep) {
+  TORCH_CHECK(grad_errors.dim() == 2 && grad_errors.size(0) == prep.plan.batch &&
+                  grad_errors.size(1) == prep.plan.columns,
+              "channel_errors_backward: grad_errors has shape ", grad_errors.sizes(),
+              ", expected [", prep.plan.batch, ", ", prep.plan.columns, "]");
+  TORCH_CHECK(grad_errors.scalar_type() == prep.source[0].scalar_type(),
+              "channel_errors_backward: grad_errors has dtype ", grad_errors.scalar_type());
+}
+
+GradLists channel_errors_backward_cpu(const at::Tensor& grad_errors, at::TensorList source,
+                                      at::TensorList target, at::TensorList weight,
+                                      at::TensorList bias, at::IntArrayRef pair_source,
+                                      at::IntArrayRef pair_target,
+                                      c10::List<bool> output_mask) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels are below autograd
+  const Prepared prep(source, target, weight, bias, pair_source, pair_target);
+  check_grad_errors(grad_errors, prep);
+  const bool want_s = output_mask[0], want_t = output_mask[1], want_w = output_mask[2],
+             want_b = output_mask[3];
+  std::vector<at::Tensor> grad_source = want_s ? zeros_like_all(prep.source) : std::vector<at::Tensor>{};
+  std::vector<at::Tensor> grad_target = want_t ? zeros_like_all(prep.target) : std::vector<at::Tensor>{};
+  GroupSums total = make_group_sums(prep, want_w, want_b);
+  const at::Tensor scaled = scaled_grad(grad_errors, prep, pair_target);
+  AT_DISPATCH_FLOATING_TYPES(grad_errors.scalar_type(), "channel_errors_backward_cpu", [&] {
+    const scalar_t* sg = scaled.data_ptr<scalar_t>();
+    for_each_block<scalar_t, GroupSums>(
+        prep, pair_source, [&] { return make_group_sums(prep, want_w, want_b); },
+        [&](GroupSums& sums, int64_t b, size_t g, int64_t p0, int64_t len, at::Tensor& d,
+            Scratch<scalar_t>& scratch) {
+          const auto& group = prep.plan.groups[g];
+          scalar_t* grad = d.data_ptr<scalar_t>();  // becomes G = scale * D in place
+          scale_rows(grad, sg + b * prep.plan.columns, group, prep.plan, prep, pair_source, len);
+          if (want_s) spread_rows(grad_source, grad, b, group, pair_source, scratch, p0, len);
+          const at::Tensor t_tile = sample_matrix(prep.target[group.target], b).narrow(1, p0, len);
+          if (want_t) {
+            at::Tensor out = sample_matrix(grad_target[group.target], b).narrow(1, p0, len);
+            at::addmm_out(out, out, prep.weight_stack[g].t(), d, 0, -1);
+          }
+          if (want_w) sums.weight[g].addmm_(d, t_tile.t(), 1, -1);
+          if (want_b) sums.bias[g].sub_(d.sum(1));
+        },
+        [&](GroupSums& sums) { add_group_sums(total, sums); });
+  });
+  return {grad_source, grad_target,
+          want_w ? split_group_sums(total.weight, prep, weight) : std::vector<at::Tensor>{},
+          want_b ? split_group_sums(total.bias, prep, bias) : std::vector<at::Tensor>{}};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>, std::vector<at::Tensor>>
+channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
+                                   const OptionalTensors& tangent_source,
+                                   const OptionalTensors& tangent_target,
+                                   const OptionalTensors& tangent_weight,
+                                   const OptionalTensors& tangent_bias, at::TensorList source,
+                                   at::TensorList target, at::TensorList weight,
+                                   at::TensorList bias, at::IntArrayRef pair_source,
+                                   at::IntArrayRef pair_target, c10::List<bool> output_mask) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels are below autograd
+  const Prepared prep(source, target, weight, bias, pair_source, pair_target);
+  check_grad_errors(grad_errors, prep);
+  const auto& plan = prep.plan;
+  const bool want_s = output_mask[0], want_t = output_mask[1], want_w = output_mask[2],
+             want_b = output_mask[3];
+  auto defined = [](const OptionalTensors& list, size_t i) {
+    if (i >= list.size()) return std::optional<at::Tensor>{};
+    std::optional<at::Tensor> t = list.get(i);
+    return t.has_value() && t->defined() ? t : std::optional<at::Tensor>{};
+  };
+  // Tangents, prepared like the inputs they are tangent to.
+  std::vector<std::optional<at::Tensor>> v_source, v_target;
+  for (size_t m = 0; m < prep.source.size(); ++m) {
+    auto v = defined(tangent_source, m);
+    v_source.push_back(v ? std::optional<at::Tensor>(v->contiguous()) : std::nullopt);
+  }
+  for (size_t n = 0; n < prep.target.size(); ++n) {
+    auto v = defined(tangent_target, n);
+    // Same layout as the target, so one view serves both in the products.
+    v_target.push_back(v ? std::optional<at::Tensor>(v->contiguous(prep.target[n].suggest_memory_format()))
+                         : std::nullopt);
+  }
+  std::vector<std::optional<at::Tensor>> v_weight_stack, v_bias_stack;
+  for (const auto& group : plan.groups) {
+    v_weight_stack.push_back(stack_optional_rows(tangent_weight, weight, group));
+    v_bias_stack.push_back(stack_optional_rows(tangent_bias, bias, group));
+  }
+  at::Tensor grad_grad_errors = at::zeros({plan.batch, plan.columns}, grad_errors.options());
+  std::vector<at::Tensor> grad_source = want_s ? zeros_like_all(prep.source) : std::vector<at::Tensor>{};
+  std::vector<at::Tensor> grad_target = want_t ? zeros_like_all(prep.target) : std::vector<at::Tensor>{};
+  GroupSums total = make_group_sums(prep, want_w, want_b);
+  const at::Tensor scaled = scaled_grad(grad_errors, prep, pair_target);
+  // (2 / HW) per column, to turn sum_hw U D into grad_grad_errors.
+  const at::Tensor column_scale = scaled_grad(at::ones_like(grad_errors), prep, pair_target);
+  AT_DISPATCH_FLOATING_TYPES(grad_errors.scalar_type(), "channel_errors_double_backward_cpu", [&] {
+    const scalar_t* sg = scaled.data_ptr<scalar_t>();
+    const scalar_t* cscale = column_scale.data_ptr<scalar_t>();
+    scalar_t* gge = grad_grad_errors.data_ptr<scalar_t>();
+    struct Worker {
+      GroupSums sums;
+      at::Tensor tangent;  // U, [rows * tile]
+    };
+    const int64_t block_size = largest_block(prep).first;
+    for_each_block<scalar_t, Worker>(
+        prep, pair_source,
+        [&] {
+          return Worker{make_group_sums(prep, want_w, want_b),
+                        at::empty({block_size}, prep.source[0].options())};
+        },
+        [&](Worker& worker, int64_t b, size_t g, int64_t p0, int64_t len, at::Tensor& d,
+            Scratch<scalar_t>& scratch) {
+          const auto& group = plan.groups[g];
+          const int64_t n = group.target;
+          at::Tensor u = worker.tangent.narrow(0, 0, group.rows * len).view({group.rows, len});
+          scalar_t* u_data = u.data_ptr<scalar_t>();
+          // U = resize(vS) - vb - W vT - vW T
+          for (size_t k = 0; k < group.pairs.size(); ++k) {
+            const int64_t i = group.pairs[k];
+            const auto& vs = v_source[pair_source[i]];
+            const int64_t cs = prep.source[pair_source[i]].size(1);
+            const int64_t plane = prep.source[pair_source[i]].size(2) * prep.source[pair_source[i]].size(3);
+            const scalar_t* vb = v_bias_stack[g] ? v_bias_stack[g]->data_ptr<scalar_t>() : nullptr;
+            for (int64_t c = 0; c < cs; ++c) {
+              const int64_t r = group.row_offset[k] + c;
+              scalar_t* row = u_data + r * len;
+              const scalar_t offset = vb ? -vb[r] : scalar_t(0);
+              if (vs) {
+                const scalar_t* channel = vs->data_ptr<scalar_t>() + (b * cs + c) * plane;
+                scratch.resample[i].sample(channel, p0, len, row, scratch.between.data());
+                for (int64_t j = 0; j < len; ++j) row[j] += offset;
+              } else {
+                for (int64_t j = 0; j < len; ++j) row[j] = offset;
+              }
+            }
+          }
+          const at::Tensor t_tile = sample_matrix(prep.target[n], b).narrow(1, p0, len);
+          at::Tensor vt_tile;
+          if (v_target[n]) {
+            vt_tile = sample_matrix(*v_target[n], b).narrow(1, p0, len);
+            u.addmm_(prep.weight_stack[g], vt_tile, 1, -1);
+          }
+          const auto& vw = v_weight_stack[g];
+          if (vw) u.addmm_(*vw, t_tile, 1, -1);
+          // grad_grad_errors += (2 / HW) sum_hw U D; then G_D = s U (in u), G_U = s D (in d).
+          scalar_t* d_data = d.data_ptr<scalar_t>();
+          for (size_t k = 0; k < group.pairs.size(); ++k) {
+            const int64_t i = group.pairs[k];
+            const int64_t cs = prep.source[pair_source[i]].size(1);
+            for (int64_t c = 0; c < cs; ++c) {
+              const int64_t r = group.row_offset[k] + c, col = plan.column_offset[i] + c;
+              const scalar_t* ur = u_data + r * len;
+              const scalar_t* dr = d_data + r * len;
+              scalar_t sum = 0;
+              for (int64_t j = 0; j < len; ++j) sum += ur[j] * dr[j];
+              gge[b * plan.columns + col] += sum * cscale[col];
+            }
+          }
+          const scalar_t* sg_b = sg + b * plan.columns;
+          scale_rows(u_data, sg_b, group, plan, prep, pair_source, len);
+          scale_rows(d_data, sg_b, group, plan, prep, pair_source, len);
+          if (want_s) spread_rows(grad_source, u_data, b, group, pair_source, scratch, p0, len);
+          if (want_t) {
+            at::Tensor out = sample_matrix(grad_target[n], b).narrow(1, p0, len);
+            at::addmm_out(out, out, prep.weight_stack[g].t(), u, 0, -1);
+            if (vw) out.addmm_(vw->t(), d, 1, -1);
+          }
+          if (want_w) {
+            worker.sums.weight[g].addmm_(u, t_tile.t(), 1, -1);
+            if (vt_tile.defined()) worker.sums.weight[g].addmm_(d, vt_tile.t(), 1, -1);
+          }
+          if (want_b) worker.sums.bias[g].sub_(u.sum(1));
+        },
+        [&](Worker& worker) { add_group_sums(total, worker.sums); });
+  });
+  return {grad_grad_errors, grad_source, grad_target,
+          want_w ? split_group_sums(total.weight, prep, weight) : std::vector<at::Tensor>{},
+          want_b ? split_group_sums(total.bias, prep, bias) : std::vector<at::Tensor>{}};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(l2t_fast, CPU, m) {
+  m.impl("channel_errors", &channel_errors_cpu);
+  m.impl("channel_errors_backward", &channel_errors_backward_cpu);
+  m.impl("channel_errors_double_backward", &channel_errors_double_backward_cpu);
+}
+
+}  // namespace l2t_fast

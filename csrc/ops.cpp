@@ -1,0 +1,37 @@
+// The l2t_fast op library: schemas of the three channel-error ops (see
+// l2t_fast/backends/_registration.py for their math), and the Python module l2t_fast._C,
+// whose import loads them. Kernels register per device: channel_errors_cpu.cpp, cuda/.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(l2t_fast, m) {
+  m.def(
+      "channel_errors(Tensor[] source, Tensor[] target, Tensor[] weight, Tensor[] bias, "
+      "int[] pair_source, int[] pair_target) -> Tensor");
+  m.def(
+      "channel_errors_backward(Tensor grad_errors, Tensor[] source, Tensor[] target, "
+      "Tensor[] weight, Tensor[] bias, int[] pair_source, int[] pair_target, "
+      "bool[] output_mask) -> (Tensor[], Tensor[], Tensor[], Tensor[])");
+  m.def(
+      "channel_errors_double_backward(Tensor grad_errors, Tensor?[] tangent_source, "
+      "Tensor?[] tangent_target, Tensor?[] tangent_weight, Tensor?[] tangent_bias, "
+      "Tensor[] source, Tensor[] target, Tensor[] weight, Tensor[] bias, int[] pair_source, "
+      "int[] pair_target, bool[] output_mask) "
+      "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])");
+}
+
+#ifdef L2T_FAST_WITH_CUDA
+static constexpr bool kWithCuda = true;
+#else
+static constexpr bool kWithCuda = false;
+#endif
+
+static PyObject* has_cuda(PyObject*, PyObject*) { return PyBool_FromLong(kWithCuda); }
+
+static PyMethodDef methods[] = {
+    {"has_cuda", has_cuda, METH_NOARGS, "Whether CUDA kernels were compiled in."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

@@ -1,0 +1,31 @@
+"""l2t_fast: fast "Learning What and Where to Transfer" (L2T-ww) for PyTorch.
+
+Public names are imported lazily, so that ``import l2t_fast`` stays cheap and the
+compiled extension, Triton and the training engine load only when used.
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "weighted_feature_matching": "l2t_fast.loss",
+    "WeightedFeatureMatching": "l2t_fast.loss",
+    "available_backends": "l2t_fast.backends",
+    "WhatNetwork": "l2t_fast.meta",
+    "WhereNetwork": "l2t_fast.meta",
+    "L2TWW": "l2t_fast.engine",
+    "FeatureHooks": "l2t_fast.features",
+    "suggest_layers": "l2t_fast.features",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'l2t_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

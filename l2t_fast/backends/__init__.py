@@ -1,0 +1,127 @@
+"""The one dispatch point: which backend computes the channel errors for given inputs.
+
+A backend is a name, a check of whether it can run here (and on given inputs), and a
+``channel_errors`` function (see ``_registration`` for the ops behind the compiled ones).
+``"auto"`` picks the fastest available backend for the inputs' device and dtype; naming
+one that cannot run raises an error that says why, never a silent fallback.
+"""
+import os
+import sys
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Callable, Optional
+
+import torch
+
+from l2t_fast.backends import compiled, reference  # noqa: F401  (cheap; Triton loads lazily)
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+# Preference of "auto" among GPU backends. Not yet measured on a GPU (no device in the
+# session that wrote this): the CUDA extension first, as it has no JIT warm-up.
+GPU_PREFERENCE = ("cuda", "triton")
+FLOAT_DTYPES = (torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for by name but cannot run here, or not on these inputs."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: str               # module that provides channel_errors (imported on first use)
+    why_unavailable: Callable[[], Optional[str]]
+    why_unsupported: Callable[[torch.device, torch.dtype], Optional[str]]
+
+    @property
+    def channel_errors(self):
+        # Imported by the availability check already; sys.modules keeps torch.compile's
+        # tracing away from the import machinery.
+        module = sys.modules.get(self.module) or import_module(self.module)
+        return module.channel_errors
+
+
+def _extension_problem(need_cuda=False):
+    problem = compiled.load_problem()
+    if problem is None and need_cuda and not compiled.has_cuda_kernels():
+        return ("the compiled extension l2t_fast._C was built without CUDA kernels (it needs "
+                "a CUDA toolkit and a CUDA-enabled torch at build time); rebuild with "
+                "`pip install -e . --no-build-isolation` on a machine with both")
+    if problem is None and need_cuda and not torch.cuda.is_available():
+        return "CUDA is not available (torch.cuda.is_available() is False)"
+    return problem
+
+
+def _triton_problem():
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("Triton needs a CUDA device, or TRITON_INTERPRET=1 set before Triton is "
+                "imported to run its kernels on CPU tensors (slowly)")
+    try:
+        sys.modules.get("l2t_fast.backends.triton") or import_module("l2t_fast.backends.triton")
+    except ImportError as error:
+        return f"Triton does not import ({error}); install it with `pip install triton`"
+    return None
+
+
+def _dtype_problem(dtype, allowed):
+    if dtype not in allowed:
+        return f"dtype {dtype} is not supported (supported: {', '.join(map(str, allowed))})"
+    return None
+
+
+def _on(device_type, dtypes):
+    def why(device, dtype):
+        if device.type != device_type:
+            return f"it runs on {device_type} tensors, the inputs are on {device}"
+        return _dtype_problem(dtype, dtypes)
+    return why
+
+
+def _triton_unsupported(device, dtype):
+    if device.type == "cuda":
+        return _dtype_problem(dtype, FLOAT_DTYPES + HALF_DTYPES)
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return _dtype_problem(dtype, FLOAT_DTYPES)
+    return f"it runs on cuda tensors (or on cpu with TRITON_INTERPRET=1), the inputs are on {device}"
+
+
+_REGISTRY = {
+    "reference": Backend("reference", "l2t_fast.backends.reference", lambda: None,
+                         lambda device, dtype: None),
+    "cpu": Backend("cpu", "l2t_fast.backends.compiled", _extension_problem,
+                   _on("cpu", FLOAT_DTYPES)),
+    "cuda": Backend("cuda", "l2t_fast.backends.compiled", lambda: _extension_problem(True),
+                    _on("cuda", FLOAT_DTYPES + HALF_DTYPES)),
+    "triton": Backend("triton", "l2t_fast.backends.triton", _triton_problem,
+                      _triton_unsupported),
+}
+
+
+def available_backends():
+    """Names of the backends that can run on this machine (``"reference"`` always)."""
+    return [name for name in BACKENDS if _REGISTRY[name].why_unavailable() is None]
+
+
+def resolve(name, device, dtype) -> Backend:
+    """The backend to use for inputs on ``device`` of ``dtype``; ``name`` may be ``"auto"``."""
+    if name == "auto":
+        if device.type == "cuda":
+            candidates = GPU_PREFERENCE + ("reference",)
+        else:
+            candidates = ("cpu", "reference")
+        for candidate in candidates:
+            backend = _REGISTRY[candidate]
+            if backend.why_unavailable() is None and backend.why_unsupported(device, dtype) is None:
+                return backend
+        raise AssertionError("the reference backend supports every input")  # pragma: no cover
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    backend = _REGISTRY[name]
+    problem = backend.why_unavailable()
+    if problem is not None:
+        raise BackendUnavailable(f"backend {name!r} is not available: {problem}")
+    problem = backend.why_unsupported(device, dtype)
+    if problem is not None:
+        raise BackendUnavailable(f"backend {name!r} cannot take these inputs: {problem}")
+    return backend

@@ -1,0 +1,24 @@
+"""The reference backend: the per-channel errors of SPEC.md section 1, written plainly.
+
+It materialises every projection and resized source map, which is exactly what the
+compiled backends avoid; autograd gives its gradients and double gradients.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def channel_errors(source, target, weight, bias, pair_source, pair_target):
+    """E[b, c] = mean_hw (S~ - W T - b)^2 for every pair, packed as [B, sum_i Cs_i].
+
+    Half-precision inputs are computed in float32, as the GPU backends accumulate.
+    """
+    columns = []
+    for w, b, m, n in zip(weight, bias, pair_source, pair_target):
+        s, t = source[m], target[n]
+        if s.dtype in (torch.float16, torch.bfloat16):
+            s, t, w, b = s.float(), t.float(), w.float(), b.float()
+        if s.shape[-2:] != t.shape[-2:]:
+            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        projection = torch.einsum("ck,bkhw->bchw", w, t) + b[:, None, None]
+        columns.append((s - projection).pow(2).mean(dim=(2, 3)))
+    return torch.cat(columns, dim=1)

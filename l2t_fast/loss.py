@@ -1,0 +1,96 @@
+"""The weighted feature-matching loss (SPEC.md section 1): functional API and module.
+
+The backend computes only the per-channel errors ``E [B, sum_i Cs_i]`` of all pairs, the
+part that touches the feature maps. Weighting them by channel weights, pair weights and
+beta is a few small tensor ops over ``[B, sum_i Cs_i]``, done here in PyTorch for every
+backend alike, so autograd differentiates it (twice) and the kernels stay weight-free.
+"""
+import math
+
+import torch
+from torch import nn
+
+from l2t_fast import backends
+from l2t_fast._inputs import check_matching_inputs
+
+
+def _segment_matrix(channels, like, mean):
+    """[sum_i Cs_i, P]: sums (or, with ``mean``, averages) each pair's block of columns."""
+    rows = torch.repeat_interleave(torch.arange(len(channels), device=like.device),
+                                   torch.tensor(channels, device=like.device))
+    matrix = torch.nn.functional.one_hot(rows, len(channels)).to(like.dtype)
+    if mean:
+        matrix = matrix / torch.tensor(channels, dtype=like.dtype, device=like.device)
+    return matrix
+
+
+def weighted_feature_matching(source_feats, target_feats, pairs, weight, bias=None,
+                              channel_weights=None, pair_weights=None, beta=0.5,
+                              reduction="mean", backend="auto"):
+    """Sum over pairs of beta_i * mean_b lam_i[b] * sum_c w_i[b, c] * E_i[b, c].
+
+    See SPEC.md section 1. ``reduction="none"`` returns the ``[P, B]`` per-sample terms.
+    """
+    inputs = check_matching_inputs(source_feats, target_feats, pairs, weight, bias,
+                                   channel_weights, pair_weights, beta, reduction)
+    first = inputs.source[0]
+    chosen = backends.resolve(backend, first.device, first.dtype)
+    bias = inputs.bias
+    if bias is None:
+        bias = [w.new_zeros(w.shape[0]) for w in inputs.weight]
+    errors = chosen.channel_errors(inputs.source, inputs.target, inputs.weight, bias,
+                                   inputs.pair_source, inputs.pair_target)
+    channels = inputs.source_channels
+    if inputs.channel_weights is None:
+        per_sample = errors @ _segment_matrix(channels, errors, mean=True)
+    else:
+        what = torch.cat(inputs.channel_weights, dim=1).to(errors.dtype)
+        per_sample = (errors * what) @ _segment_matrix(channels, errors, mean=False)
+    if inputs.pair_weights is not None:
+        per_sample = per_sample * torch.stack(inputs.pair_weights, dim=1).to(errors.dtype)
+    per_sample = per_sample * torch.tensor(inputs.beta, dtype=errors.dtype, device=errors.device)
+    if reduction == "none":
+        return per_sample.t()
+    return per_sample.mean(dim=0).sum()
+
+
+class WeightedFeatureMatching(nn.Module):
+    """The loss with its own 1x1 regressors, one per pair, that map target to source channels.
+
+    Regressors start like ``nn.Conv2d``'s default (uniform in +-1/sqrt(Ct)), as in the
+    paper's code.
+    """
+
+    def __init__(self, source_channels, target_channels, pairs, beta=0.5, bias=True,
+                 backend="auto"):
+        super().__init__()
+        self.pairs = [tuple(p) for p in pairs]
+        if not self.pairs:
+            raise ValueError("pairs is empty: at least one (source, target) pair is needed")
+        for i, (m, n) in enumerate(self.pairs):
+            if not (0 <= m < len(source_channels) and 0 <= n < len(target_channels)):
+                raise ValueError(f"pairs[{i}] = {(m, n)} is out of range for "
+                                 f"{len(source_channels)} source and {len(target_channels)} "
+                                 f"target layers")
+        self.source_channels = list(source_channels)
+        self.target_channels = list(target_channels)
+        self.beta = beta
+        self.backend = backend
+        self.weight = nn.ParameterList()
+        self.bias = nn.ParameterList() if bias else None
+        for m, n in self.pairs:
+            bound = 1.0 / math.sqrt(target_channels[n])
+            cs, ct = source_channels[m], target_channels[n]
+            self.weight.append(nn.Parameter(torch.empty(cs, ct).uniform_(-bound, bound)))
+            if bias:
+                self.bias.append(nn.Parameter(torch.empty(cs).uniform_(-bound, bound)))
+
+    def forward(self, source_feats, target_feats, channel_weights=None, pair_weights=None,
+                reduction="mean"):
+        return weighted_feature_matching(
+            source_feats, target_feats, self.pairs, list(self.weight),
+            None if self.bias is None else list(self.bias), channel_weights, pair_weights,
+            self.beta, reduction, self.backend)
+
+    def extra_repr(self):
+        return f"pairs={self.pairs}, beta={self.beta}, backend={self.backend!r}"

@@ -1,0 +1,259 @@
+"""The weighted feature-matching loss on the CPU backends, against the spec's float64 math."""
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import l2t_fast
+from l2t_fast.backends import BackendUnavailable
+from matching_reference import as_spec_args, random_problem, spec_loss
+
+CPU_BACKENDS = [b for b in ("reference", "cpu") if b in l2t_fast.available_backends()]
+
+
+def test_compiled_extension_is_built_when_required():
+    # CI builds the extension and sets this, so a broken build cannot pass as a skip.
+    if os.environ.get("L2T_FAST_REQUIRE_EXTENSION") == "1":
+        assert "cpu" in l2t_fast.available_backends()
+    assert "reference" in l2t_fast.available_backends()
+
+
+def loss_of(problem, backend, **kwargs):
+    return l2t_fast.weighted_feature_matching(**problem, backend=backend, **kwargs)
+
+
+def grads(output, inputs, grad_output=None, create_graph=False):
+    return torch.autograd.grad(output, inputs, grad_output, create_graph=create_graph,
+                               allow_unused=True)
+
+
+def differentiable_inputs(problem):
+    return [t for key in ("source_feats", "target_feats", "weight", "bias", "channel_weights",
+                          "pair_weights") for t in problem.get(key) or [] if t.requires_grad]
+
+
+def check_against_spec(problem, backend, rtol, atol, reduction="mean", beta=0.5):
+    """Forward, backward and double backward of a backend against the spec's math."""
+    inputs = differentiable_inputs(problem)
+    ours = loss_of(problem, backend, reduction=reduction, beta=beta)
+    spec = spec_loss(**as_spec_args(problem), reduction=reduction, beta=beta)
+    torch.testing.assert_close(ours.double(), spec, rtol=rtol, atol=atol)
+    upstream = torch.rand_like(spec)
+    ours_grads = grads(ours, inputs, upstream.to(ours.dtype), create_graph=True)
+    spec_grads = grads(spec, inputs, upstream, create_graph=True)
+    assert_same_grads(ours_grads, spec_grads, rtol, atol)
+    # Double backward: the gradient of <grad, v> for a random direction v.
+    used = [(a, b) for a, b in zip(ours_grads, spec_grads) if b is not None]
+    directions = [torch.randn_like(b, dtype=torch.float64) for _, b in used]
+    ours_inner = sum((a.double() * v).sum() for (a, _), v in zip(used, directions))
+    spec_inner = sum((b.double() * v).sum() for (_, b), v in zip(used, directions))
+    assert_same_grads(grads(ours_inner, inputs), grads(spec_inner, inputs), rtol, atol)
+
+
+def assert_same_grads(ours, spec, rtol, atol):
+    """Gradients equal; one the spec leaves undefined (an unused input) is absent or zero."""
+    for a, b in zip(ours, spec):
+        if b is None:
+            assert a is None or torch.count_nonzero(a) == 0
+        else:
+            torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
+
+
+map_sizes = st.tuples(st.integers(1, 9), st.integers(1, 9))
+
+
+@st.composite
+def problems(draw):
+    batch = draw(st.integers(1, 3))
+    num_source = draw(st.integers(1, 3))
+    num_target = draw(st.integers(1, 3))
+    source = [(batch, draw(st.integers(1, 7)), *draw(map_sizes)) for _ in range(num_source)]
+    target = [(batch, draw(st.integers(1, 7)), *draw(map_sizes)) for _ in range(num_target)]
+    all_pairs = [(m, n) for m in range(num_source) for n in range(num_target)]
+    pairs = draw(st.lists(st.sampled_from(all_pairs), min_size=1, max_size=6))
+    options = dict(bias=draw(st.booleans()), channel_weights=draw(st.booleans()),
+                   pair_weights=draw(st.booleans()))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return source, target, pairs, options, seed
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@settings(max_examples=15)
+@given(case=problems(), reduction=st.sampled_from(["mean", "none"]),
+       beta=st.sampled_from([0.5, 2.0]))
+def test_float64_matches_spec_on_random_shapes(backend, case, reduction, beta):
+    source, target, pairs, options, seed = case
+    problem = random_problem(source, target, pairs,
+                             generator=torch.Generator().manual_seed(seed), **options)
+    check_against_spec(problem, backend, rtol=1e-9, atol=1e-11, reduction=reduction, beta=beta)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@settings(max_examples=10)
+@given(case=problems())
+def test_float32_matches_spec_within_tolerance(backend, case):
+    source, target, pairs, options, seed = case
+    problem = random_problem(source, target, pairs, dtype=torch.float32,
+                             generator=torch.Generator().manual_seed(seed), **options)
+    check_against_spec(problem, backend, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck_and_gradgradcheck(backend):
+    pairs = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    problem = random_problem([(2, 3, 3, 2), (2, 2, 2, 3)], [(2, 4, 4, 3), (2, 3, 3, 2)], pairs,
+                             generator=torch.Generator().manual_seed(0))
+    keys = ["source_feats", "target_feats", "weight", "bias", "channel_weights", "pair_weights"]
+    sizes = [len(problem[k]) for k in keys]
+
+    def loss(*flat):
+        rebuilt, start = {"pairs": pairs}, 0
+        for key, size in zip(keys, sizes):
+            rebuilt[key] = list(flat[start:start + size])
+            start += size
+        return l2t_fast.weighted_feature_matching(**rebuilt, beta=[0.3, 0.5, 1.0, 2.0],
+                                                  backend=backend)
+
+    flat = tuple(t for k in keys for t in problem[k])
+    assert torch.autograd.gradcheck(loss, flat, fast_mode=True)
+    assert torch.autograd.gradgradcheck(loss, flat, fast_mode=True)
+
+
+def resized_problem(dtype=torch.float64):
+    # Up- and down-sampling, identical sizes, non-square maps and a shared target layer.
+    return random_problem([(3, 5, 6, 4), (3, 3, 3, 7)], [(3, 4, 6, 4), (3, 6, 9, 5)],
+                          [(0, 0), (1, 0), (0, 1), (1, 1), (1, 1)], dtype=dtype,
+                          generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_channels_last_and_non_contiguous_inputs(backend):
+    problem = resized_problem()
+    reshaped = dict(problem)
+    reshaped["source_feats"] = [problem["source_feats"][0].contiguous(
+        memory_format=torch.channels_last), problem["source_feats"][1]]
+    # A target map seen through a transposed view and another through a channel slice.
+    wide = torch.randn(3, 12, 9, 5, dtype=torch.float64)
+    reshaped["target_feats"] = [
+        problem["target_feats"][0].detach().transpose(2, 3).contiguous().transpose(2, 3)
+        .requires_grad_(),
+        wide[:, ::2].requires_grad_()]
+    reshaped["weight"] = [w.detach().t().contiguous().t().requires_grad_()
+                          for w in problem["weight"]]
+    assert not reshaped["target_feats"][0].is_contiguous()
+    check_against_spec(reshaped, backend, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_channels_last_targets(backend):
+    problem = resized_problem()
+    problem["target_feats"] = [t.detach().contiguous(memory_format=torch.channels_last)
+                               .requires_grad_() for t in problem["target_feats"]]
+    check_against_spec(problem, backend, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sources_without_grad_and_4d_regressors(backend):
+    problem = resized_problem()
+    problem["source_feats"] = [s.detach() for s in problem["source_feats"]]
+    problem["weight"] = [w.detach()[:, :, None, None].requires_grad_() for w in problem["weight"]]
+    check_against_spec(problem, backend, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_maps_span_several_blocks(backend):
+    # 40x40 targets: several row blocks per sample in the compiled kernels.
+    problem = random_problem([(2, 3, 10, 10), (2, 2, 40, 40)], [(2, 5, 40, 40)],
+                             [(0, 0), (1, 0)], generator=torch.Generator().manual_seed(2))
+    check_against_spec(problem, backend, rtol=1e-9, atol=1e-11)
+
+
+def test_reduction_none_sums_to_mean():
+    problem = resized_problem()
+    per_sample = l2t_fast.weighted_feature_matching(**problem, reduction="none")
+    assert per_sample.shape == (5, 3)
+    total = l2t_fast.weighted_feature_matching(**problem)
+    torch.testing.assert_close(per_sample.mean(1).sum(), total)
+
+
+def test_half_inputs_on_reference_return_float32():
+    problem = random_problem([(2, 3, 4, 4)], [(2, 2, 4, 4)], [(0, 0)], dtype=torch.bfloat16)
+    loss = l2t_fast.weighted_feature_matching(**problem, backend="reference")
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), spec_loss(**as_spec_args(problem)), rtol=1e-2,
+                               atol=1e-3)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="compiled extension not built")
+def test_opcheck_on_every_registered_op():
+    problem = resized_problem()
+    source, target = problem["source_feats"], problem["target_feats"]
+    weight, bias = problem["weight"], problem["bias"]
+    pair_source = [m for m, _ in problem["pairs"]]
+    pair_target = [n for _, n in problem["pairs"]]
+    errors_args = (source, target, weight, bias, pair_source, pair_target)
+    ops = torch.ops.l2t_fast
+    torch.library.opcheck(ops.channel_errors, errors_args)
+    grad_errors = torch.randn(3, sum(source[m].shape[1] for m in pair_source),
+                              dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(ops.channel_errors_backward,
+                          (grad_errors,) + errors_args + ([True, True, True, True],))
+    # The double backward is not differentiable itself: check it on plain tensors.
+    plain = tuple([t.detach() for t in group] for group in errors_args[:4]) + errors_args[4:]
+    tangents = ([None, torch.randn_like(source[1])], [torch.randn_like(t) for t in target],
+                [torch.randn_like(w) for w in weight], [None] * len(bias))
+    torch.library.opcheck(ops.channel_errors_double_backward,
+                          (grad_errors.detach(),) + tangents + plain + ([True] * 4,))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    crit = l2t_fast.WeightedFeatureMatching([3, 5], [4, 6], [(0, 0), (1, 0), (1, 1)],
+                                            backend=backend).double()
+    source = [torch.randn(2, 3, 4, 4, dtype=torch.float64),
+              torch.randn(2, 5, 2, 2, dtype=torch.float64)]
+    target = [torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True),
+              torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)]
+    weights = [torch.softmax(torch.randn(2, c, dtype=torch.float64), 1) for c in (3, 5, 5)]
+
+    def step(source, target, weights):
+        return crit(source, target, channel_weights=weights) * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    expected = step(source, target, weights)
+    actual = compiled(source, target, weights)
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(torch.autograd.grad(actual, target),
+                               torch.autograd.grad(expected, target))
+
+
+def test_module_owns_regressors_in_pair_order():
+    crit = l2t_fast.WeightedFeatureMatching([3, 5], [4, 6], [(1, 1), (0, 0)], bias=True)
+    assert [tuple(w.shape) for w in crit.weight] == [(5, 6), (3, 4)]
+    assert [tuple(b.shape) for b in crit.bias] == [(5,), (3,)]
+    assert l2t_fast.WeightedFeatureMatching([3], [4], [(0, 0)], bias=False).bias is None
+
+
+def test_auto_picks_the_compiled_backend_for_cpu_floats():
+    from l2t_fast.backends import resolve
+    expected = "cpu" if "cpu" in CPU_BACKENDS else "reference"
+    assert resolve("auto", torch.device("cpu"), torch.float32).name == expected
+    assert resolve("auto", torch.device("cpu"), torch.bfloat16).name == "reference"
+
+
+def test_unavailable_backend_says_why():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    problem = resized_problem()
+    with pytest.raises(BackendUnavailable, match="'cuda' is not available"):
+        loss_of(problem, "cuda")
+
+
+def test_cpu_backend_refuses_half_inputs():
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("compiled extension not built")
+    problem = random_problem([(2, 3, 4, 4)], [(2, 2, 4, 4)], [(0, 0)], dtype=torch.float16)
+    with pytest.raises(BackendUnavailable, match="float16"):
+        loss_of(problem, "cpu")
