@@ -15,10 +15,17 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
 
 
+def torch_at_least(major, minor):
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return version >= (major, minor)
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    with_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
+    # The CUDA kernels use float32-output products of half inputs (torch >= 2.8).
+    with_cuda = (bool(cuda_sources) and torch.version.cuda is not None
+                 and CUDA_HOME is not None and torch_at_least(2, 8))
     if not with_cuda:
         return CppExtension("l2t_fast._C", sources, extra_compile_args={"cxx": CXX_FLAGS},
                             extra_link_args=["-fopenmp"])
@@ -26,7 +33,7 @@ def extension():
     return CUDAExtension(
         "l2t_fast._C", sources + cuda_sources,
         define_macros=[("L2T_FAST_WITH_CUDA", None)],
-        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17"]},
         extra_link_args=["-fopenmp"])
 
 

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <mutex>
 
 #include "channel_errors.h"
@@ -266,9 +267,18 @@ void add_group_sums(GroupSums& total, const GroupSums& part) {
 std::vector<at::Tensor> split_group_sums(const std::vector<at::Tensor>& sums,
                                          const Prepared& prep, at::TensorList like) {
   std::vector<at::Tensor> per_pair;
-  for (const auto& t : like) per_pair.push_back(at::empty_like(t, at::MemoryFormat::Contiguous));
+  for (const auto& t : like) per_pair.push_back(at::empty_like(t));
   for (size_t g = 0; g < sums.size(); ++g) scatter_rows(sums[g], prep.plan.groups[g], per_pair);
   return per_pair;
+}
+
+// Gradients in the layout of their inputs, as the fake kernels promise (empty_like).
+std::vector<at::Tensor> in_input_layout(std::vector<at::Tensor> grads, at::TensorList inputs) {
+  for (size_t k = 0; k < grads.size(); ++k) {
+    at::Tensor like = at::empty_like(inputs[k]);
+    if (like.strides() != grads[k].strides()) grads[k] = like.copy_(grads[k]);
+  }
+  return grads;
 }
 
 // Scales the rows of a [rows, len] block by (2 / HW) * grad_errors[b, column(row)].
@@ -311,6 +321,31 @@ std::vector<at::Tensor> zeros_like_all(const std::vector<at::Tensor>& like) {
   return out;
 }
 
+// Gradients of the target maps: every position of a map that some pair reads is written
+// by the kernels, so only maps that no pair reads need zeros.
+std::vector<at::Tensor> target_grads(const Prepared& prep) {
+  std::vector<at::Tensor> out;
+  for (size_t n = 0; n < prep.target.size(); ++n) {
+    const bool read = std::any_of(prep.plan.groups.begin(), prep.plan.groups.end(),
+                                  [n](const TargetGroup& g) { return g.target == static_cast<int64_t>(n); });
+    out.push_back(read ? at::empty_like(prep.target[n]) : at::zeros_like(prep.target[n]));
+  }
+  return out;
+}
+
+// sums[r] -= sum_j block[r, j]
+template <typename scalar_t>
+void subtract_row_sums(at::Tensor& sums, const at::Tensor& block) {
+  scalar_t* out = sums.data_ptr<scalar_t>();
+  const scalar_t* data = block.data_ptr<scalar_t>();
+  const int64_t rows = block.size(0), len = block.size(1);
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t total = 0;
+    for (int64_t j = 0; j < len; ++j) total += data[r * len + j];
+    out[r] -= total;
+  }
+}
+
 // (2 / HW) * grad_errors, per column: the factor that turns D into the gradient of the
 // squared error.
 at::Tensor scaled_grad(const at::Tensor& grad_errors, const Prepared& prep,
@@ -349,7 +384,7 @@ GradLists channel_errors_backward_cpu(const at::Tensor& grad_errors, at::TensorL
   const bool want_s = output_mask[0], want_t = output_mask[1], want_w = output_mask[2],
              want_b = output_mask[3];
   std::vector<at::Tensor> grad_source = want_s ? zeros_like_all(prep.source) : std::vector<at::Tensor>{};
-  std::vector<at::Tensor> grad_target = want_t ? zeros_like_all(prep.target) : std::vector<at::Tensor>{};
+  std::vector<at::Tensor> grad_target = want_t ? target_grads(prep) : std::vector<at::Tensor>{};
   GroupSums total = make_group_sums(prep, want_w, want_b);
   const at::Tensor scaled = scaled_grad(grad_errors, prep, pair_target);
   AT_DISPATCH_FLOATING_TYPES(grad_errors.scalar_type(), "channel_errors_backward_cpu", [&] {
@@ -368,11 +403,11 @@ GradLists channel_errors_backward_cpu(const at::Tensor& grad_errors, at::TensorL
             at::addmm_out(out, out, prep.weight_stack[g].t(), d, 0, -1);
           }
           if (want_w) sums.weight[g].addmm_(d, t_tile.t(), 1, -1);
-          if (want_b) sums.bias[g].sub_(d.sum(1));
+          if (want_b) subtract_row_sums<scalar_t>(sums.bias[g], d);
         },
         [&](GroupSums& sums) { add_group_sums(total, sums); });
   });
-  return {grad_source, grad_target,
+  return {in_input_layout(grad_source, source), in_input_layout(grad_target, target),
           want_w ? split_group_sums(total.weight, prep, weight) : std::vector<at::Tensor>{},
           want_b ? split_group_sums(total.bias, prep, bias) : std::vector<at::Tensor>{}};
 }
@@ -417,7 +452,7 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
   }
   at::Tensor grad_grad_errors = at::zeros({plan.batch, plan.columns}, grad_errors.options());
   std::vector<at::Tensor> grad_source = want_s ? zeros_like_all(prep.source) : std::vector<at::Tensor>{};
-  std::vector<at::Tensor> grad_target = want_t ? zeros_like_all(prep.target) : std::vector<at::Tensor>{};
+  std::vector<at::Tensor> grad_target = want_t ? target_grads(prep) : std::vector<at::Tensor>{};
   GroupSums total = make_group_sums(prep, want_w, want_b);
   const at::Tensor scaled = scaled_grad(grad_errors, prep, pair_target);
   // (2 / HW) per column, to turn sum_hw U D into grad_grad_errors.
@@ -498,12 +533,12 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
             worker.sums.weight[g].addmm_(u, t_tile.t(), 1, -1);
             if (vt_tile.defined()) worker.sums.weight[g].addmm_(d, vt_tile.t(), 1, -1);
           }
-          if (want_b) worker.sums.bias[g].sub_(u.sum(1));
+          if (want_b) subtract_row_sums<scalar_t>(worker.sums.bias[g], u);
         },
         [&](Worker& worker) { add_group_sums(total, worker.sums); });
   });
-  return {grad_grad_errors, grad_source, grad_target,
-          want_w ? split_group_sums(total.weight, prep, weight) : std::vector<at::Tensor>{},
+  return {grad_grad_errors, in_input_layout(grad_source, source),
+          in_input_layout(grad_target, target), want_w ? split_group_sums(total.weight, prep, weight) : std::vector<at::Tensor>{},
           want_b ? split_group_sums(total.bias, prep, bias) : std::vector<at::Tensor>{}};
 }
 

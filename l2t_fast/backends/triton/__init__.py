@@ -1,0 +1,18 @@
+"""The Triton backend: fused kernels for every pair in a constant number of launches.
+
+Importing it registers the ops ``l2t_fast_triton::channel_errors*`` (kernels in
+``kernels.py``, launches in ``ops.py``) with the fake kernels and autograd shared by
+all compiled backends.
+"""
+import torch
+
+from l2t_fast.backends import _registration
+from l2t_fast.backends.triton import ops
+
+_registration.register(ops.NAMESPACE)
+
+
+def channel_errors(source, target, weight, bias, pair_source, pair_target):
+    """E [B, sum_i Cs_i] of every pair (see ``backends/_registration.py``)."""
+    return torch.ops.l2t_fast_triton.channel_errors(source, target, weight, bias, pair_source,
+                                                    pair_target)
