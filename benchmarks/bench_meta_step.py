@@ -1,0 +1,144 @@
+"""One L2T-ww meta step (T = 2) on CPU: ``L2TWW.hypergradient`` vs the snapshot-and-replay
+step of the paper's code (``naive_meta_step.py``).
+
+Setting: source and target are the same small 4-stage ResNet (BasicBlocks, widths 16-128,
+BatchNorm), CIFAR-like 32x32 inputs, batch 32, all 16 (source stage, target stage) pairs,
+float32, the "reference" loss backend (pure PyTorch; set L2T_BENCH_BACKEND=auto for the
+fastest available one). Both sides use the same loss, so only the meta step differs.
+
+Time: ``pytest benchmarks/bench_meta_step.py --benchmark-only``.
+Peak memory: ``python benchmarks/bench_meta_step.py`` runs each implementation once in a
+fresh process and reports how far the peak resident set size rose above the resident size
+just before the call (the kernel's high-water mark VmHWM, reset right before the call by
+writing 5 to /proc/self/clear_refs, so set-up does not count). Python-level tracers (tracemalloc) do not see
+PyTorch's allocations; RSS does. glibc is told to serve every block over 64 KiB by mmap
+and to give freed memory back at once (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_,
+one arena), so that the RSS peak follows the live tensors rather than allocator caching.
+The pytest run records the same numbers in each benchmark's ``extra_info``.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from naive_meta_step import naive_hypergradient  # noqa: E402
+
+from l2t_fast.engine import L2TWW  # noqa: E402
+
+BATCH, SIZE, WIDTHS, CLASSES = 32, 32, (16, 32, 64, 128), 10
+STAGES = ["layer1", "layer2", "layer3", "layer4"]
+BACKEND = os.environ.get("L2T_BENCH_BACKEND", "reference")
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
+              "MALLOC_ARENA_MAX": "1"}
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, WIDTHS[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(WIDTHS[0])
+        channels = WIDTHS[0]
+        for i, width in enumerate(WIDTHS):
+            setattr(self, f"layer{i + 1}", BasicBlock(channels, width, 1 if i == 0 else 2))
+            channels = width
+        self.fc = nn.Linear(channels, CLASSES)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        for stage in STAGES:
+            x = getattr(self, stage)(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def make_problem():
+    """An engine one real step into training (so momentum buffers exist) and a batch."""
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, os.cpu_count()))
+    engine = L2TWW(SmallResNet(), SmallResNet(), STAGES, STAGES, inner_steps=2,
+                   backend=BACKEND)
+    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    y = torch.randint(0, CLASSES, (BATCH,))
+    engine.step(x, y)
+    return engine, x, y
+
+
+IMPLEMENTATIONS = {
+    "l2tww": lambda engine, x, y: engine.hypergradient(x, y),
+    "naive": naive_hypergradient,
+}
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def peak_memory_mib(name):
+    """Peak RSS growth of one call of implementation ``name``, measured in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--one", name], check=True,
+                         capture_output=True, text=True, env={**os.environ, **MALLOC_ENV}).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_growth_mib"]
+
+
+def _measure_one(name):
+    engine, x, y = make_problem()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS to the current RSS
+    before = _status_kib("VmRSS")
+    IMPLEMENTATIONS[name](engine, x, y)
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"implementation": name, "peak_growth_mib": (peak - before) / 1024}))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_problem()
+
+
+@pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
+def test_meta_step(benchmark, problem, name):
+    engine, x, y = problem
+    benchmark.extra_info["peak_rss_growth_mib"] = peak_memory_mib(name)
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+    benchmark.pedantic(IMPLEMENTATIONS[name], args=(engine, x, y), rounds=3, warmup_rounds=1)
+
+
+def test_same_hypergradient(problem):
+    engine, x, y = problem
+    ours, naive = engine.hypergradient(x, y), naive_hypergradient(engine, x, y)
+    for name in ours:
+        scale = naive[name].abs().max().clamp_min(1e-12)
+        assert (ours[name] - naive[name]).abs().max() / scale < 2e-2, name
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--one"]:
+        _measure_one(sys.argv[2])
+    else:
+        for implementation in IMPLEMENTATIONS:
+            print(f"{implementation}: peak RSS growth {peak_memory_mib(implementation):.1f} MiB")

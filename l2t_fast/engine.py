@@ -1,0 +1,348 @@
+"""L2T-ww training (SPEC.md section 3): a real SGD step, then an exact meta step.
+
+The meta step differentiates CE after ``inner_steps`` lookahead SGD steps on the weighted
+feature-matching loss and one on CE. The paper's code snapshots the modules and optimizer
+with ``copy.deepcopy``, steps them in place, then replays every step backwards, recomputing
+each loss (and the source network) twice. Here the lookahead is a pure function of plain
+tensors instead: the target runs under ``torch.func.functional_call`` with the lookahead
+parameters and every SGD step is written out on tensors. Reverse mode keeps one checkpoint
+per step (parameters and momentum buffers), so at most one step's double-backward graph is
+alive, like the paper's code; but nothing is deep-copied or restored, the source network
+and meta-networks run once per iteration, matching steps stop after the last hooked layer,
+the CE step is not recomputed, and the first step is differentiated only towards the meta
+parameters (no Hessian-vector product at the starting point).
+
+Lookahead forwards run the target in train mode, with batch statistics in BatchNorm, as
+the paper's code does; they get copies of the target's buffers, so running statistics of
+the model never move during a lookahead.
+"""
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from l2t_fast.features import FeatureHooks
+from l2t_fast.loss import WeightedFeatureMatching, weighted_feature_matching
+from l2t_fast.meta import WhatNetwork, WhereNetwork
+
+
+def _feature_channels(model, layer_names, example_input, which):
+    """Channel count of each named layer's output.
+
+    With ``example_input`` the model runs once (eval mode, no grad) and the outputs say it;
+    otherwise it is read off the last module with ``out_channels``/``num_features`` (conv or
+    norm) in registration order up to the end of the layer, which covers Sequential-built
+    nets such as ResNets and VGGs.
+    """
+    if example_input is not None:
+        was_training = [m.training for m in model.modules()]
+        model.eval()
+        try:
+            with FeatureHooks(model, layer_names) as hooks, torch.no_grad():
+                _, feats = hooks(example_input)
+        finally:
+            for module, flag in zip(model.modules(), was_training):
+                module.training = flag
+        return [f.shape[1] for f in feats]
+    FeatureHooks(model, layer_names).remove()  # rejects unknown names, with close matches
+    named = list(model.named_modules())
+    order = {name: i for i, (name, _) in enumerate(named)}
+    channels = []
+    for layer in layer_names:
+        end = max(i for i, (name, _) in enumerate(named)
+                  if name == layer or name.startswith(layer + "."))
+        for _, module in reversed(named[:end + 1]):
+            count = getattr(module, "out_channels", None) or getattr(module, "num_features", None)
+            if isinstance(count, int):
+                channels.append(count)
+                break
+        else:
+            raise ValueError(f"cannot tell the channels of {which} layer {layer!r} "
+                             f"(index {order[layer]} in named_modules); pass example_input")
+    return channels
+
+
+@contextmanager
+def _train_mode(model):
+    """Train mode for the duration, then every submodule's own flag back."""
+    flags = [m.training for m in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for module, flag in zip(model.modules(), flags):
+            module.training = flag
+
+
+def _sgd_lookahead(params, buffers, grads, lr, momentum, weight_decay):
+    """One torch.optim.SGD step (no dampening, no Nesterov) on tensors, differentiably.
+
+    A ``None`` gradient (the loss does not reach that parameter) counts as zero, so the
+    parameter still moves by momentum and weight decay. A ``None`` buffer is a first step.
+    """
+    new_params, new_buffers = [], []
+    for p, buf, g in zip(params, buffers, grads):
+        d = p * weight_decay if g is None else (g + weight_decay * p if weight_decay else g)
+        if momentum:
+            buf = d if buf is None else momentum * buf + d
+            d = buf
+        new_params.append(p - lr * d)
+        new_buffers.append(buf)
+    return new_params, new_buffers
+
+
+def _leaves(tensors):
+    """Fresh autograd leaves for a checkpointed step (``None`` stays ``None``)."""
+    return [None if t is None else t.detach().requires_grad_() for t in tensors]
+
+
+def _add(a, b):
+    return b if a is None else a if b is None else a + b
+
+
+def _grad(outputs, adjoints, inputs):
+    """Vector-Jacobian product; a ``None`` adjoint, output or input stands for zero, and
+    inputs that the outputs do not reach get ``None``."""
+    live = [(o, a) for o, a in zip(outputs, adjoints)
+            if o is not None and a is not None and o.requires_grad]
+    present = [i for i, t in enumerate(inputs) if t is not None]
+    result = [None] * len(inputs)
+    if not live or not present:
+        return result
+    grads = torch.autograd.grad([o for o, _ in live], [inputs[i] for i in present],
+                                [a for _, a in live], allow_unused=True)
+    for i, g in zip(present, grads):
+        result[i] = g
+    return result
+
+
+class L2TWW:
+    """Learning What and Where to Transfer: target training with learned feature matching.
+
+    ``step(x, y)`` does one iteration: the real SGD step on CE + matching, then (every
+    ``meta_period`` iterations) the meta step on the updated parameters, as the paper's
+    code orders them. ``learn_where=False`` gives L2T-w: no Where network, every pair
+    weighs 1.
+    """
+
+    def __init__(self, source_model, target_model, source_layers, target_layers, pairs="all",
+                 beta=0.5, inner_steps=2, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                 meta_lr=1e-4, meta_weight_decay=1e-4, meta_period=1,
+                 where_activation="relu6", where_init=1.0, learn_where=True, backend="auto",
+                 example_input=None):
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"inner_steps must be an int >= 1, got {inner_steps!r}")
+        if isinstance(meta_period, bool) or not isinstance(meta_period, int) or meta_period < 1:
+            raise ValueError(f"meta_period must be an int >= 1, got {meta_period!r}")
+        self.source_model = source_model.eval().requires_grad_(False)
+        self.target_model = target_model
+        self.inner_steps = inner_steps
+        self.meta_period = meta_period
+        self.backend = backend
+        self.iteration = 0
+
+        source_channels = _feature_channels(source_model, source_layers, example_input, "source")
+        target_channels = _feature_channels(target_model, target_layers, example_input, "target")
+        if pairs == "all":
+            pairs = [(m, n) for m in range(len(source_channels))
+                     for n in range(len(target_channels))]
+        self.pairs = [tuple(p) for p in pairs]
+        first = next(target_model.parameters())
+        to_model = dict(device=first.device, dtype=first.dtype)
+        self.matching = WeightedFeatureMatching(source_channels, target_channels, self.pairs,
+                                                beta=beta, bias=True, backend=backend).to(**to_model)
+        self.what = WhatNetwork(source_channels, self.pairs).to(**to_model)
+        self.where = (WhereNetwork(source_channels, self.pairs, where_activation, where_init)
+                      .to(**to_model) if learn_where else None)
+        self._source_hooks = FeatureHooks(source_model, source_layers)
+        self._target_hooks = FeatureHooks(target_model, target_layers)
+
+        # theta: trainable target parameters, then the regressors (frozen ones stay constants)
+        self._target_names = [n for n, p in target_model.named_parameters() if p.requires_grad]
+        self._theta = ([p for p in target_model.parameters() if p.requires_grad]
+                       + list(self.matching.weight) + list(self.matching.bias))
+        self.optimizer = torch.optim.SGD(self._theta, lr=lr, momentum=momentum,
+                                         weight_decay=weight_decay)
+        self._meta_named = [("what." + n, p) for n, p in self.what.named_parameters()]
+        if self.where is not None:
+            self._meta_named += [("where." + n, p) for n, p in self.where.named_parameters()]
+        self.meta_optimizer = torch.optim.Adam([p for _, p in self._meta_named], lr=meta_lr,
+                                               weight_decay=meta_weight_decay)
+
+    # ---- pieces of one iteration -------------------------------------------------------
+
+    def _source_features(self, x):
+        self.source_model.eval()
+        with torch.no_grad():
+            return self._source_hooks(x)[1]
+
+    def _meta_weights(self, source_feats):
+        channel_weights = self.what(source_feats)
+        pair_weights = self.where(source_feats) if self.where is not None else None
+        return channel_weights, pair_weights
+
+    def _run_target(self, theta, x, stop_early=False):
+        """Target forward with lookahead parameters ``theta``; BatchNorm gets buffer copies."""
+        tensors = dict(zip(self._target_names, theta))
+        tensors.update((n, b.clone()) for n, b in self.target_model.named_buffers())
+        return self._target_hooks.run(functional_call, self.target_model, tensors, (x,),
+                                      stop_early=stop_early)
+
+    def _lookahead_matching(self, theta, x, source_feats, channel_weights, pair_weights):
+        _, target_feats = self._run_target(theta, x, stop_early=True)
+        count = len(self._target_names)
+        num_pairs = len(self.pairs)
+        weight, bias = theta[count:count + num_pairs], theta[count + num_pairs:]
+        return weighted_feature_matching(source_feats, target_feats, self.pairs, weight, bias,
+                                         channel_weights, pair_weights, self.matching.beta,
+                                         backend=self.backend)
+
+    def _lookahead_ce(self, theta, x, y):
+        logits, _ = self._run_target(theta, x)
+        return F.cross_entropy(logits, y)
+
+    def _ce_step_adjoints(self, theta, buffers, x, y, hyper):
+        """The lookahead CE step from (theta, buffers) of the target, then the final CE:
+        its value and its gradient for that start (parameters, then buffers)."""
+        theta, buffers = _leaves(theta), _leaves(buffers)
+        grads = torch.autograd.grad(self._lookahead_ce(theta, x, y), theta, create_graph=True,
+                                    allow_unused=True)
+        final, _ = _sgd_lookahead(theta, buffers, grads, *hyper)
+        outer = self._lookahead_ce(final, x, y)
+        return outer.detach(), _grad([outer], [torch.ones_like(outer)], theta + buffers)
+
+    def _meta_gradients(self, x, y, source_feats):
+        """CE after the T + 1 lookahead steps, and its gradient for each meta parameter.
+
+        Reverse mode with one checkpoint per step: the forward pass keeps only each
+        matching step's starting point (parameters and momentum buffers, plain tensors);
+        the CE step's graph is kept and differentiated with the final CE; then every
+        matching step is rebuilt with ``create_graph=True``, newest first, and the adjoints
+        of parameters, momentum buffers and meta-network outputs are pulled through it. So
+        one step's double-backward graph is alive at a time, and at the first step only
+        the path to the meta-networks is differentiated (no Hessian at the start point).
+        """
+        channel_weights, pair_weights = self._meta_weights(source_feats)
+        meta_outputs = channel_weights + ([] if pair_weights is None else pair_weights)
+        meta_leaves = [w.detach().requires_grad_() for w in meta_outputs]
+        num_pairs = len(self.pairs)
+        leaf_channel_weights = meta_leaves[:num_pairs]
+        leaf_pair_weights = meta_leaves[num_pairs:] if pair_weights is not None else None
+        group = self.optimizer.param_groups[0]
+        hyper = group["lr"], group["momentum"], group["weight_decay"]
+        count = len(self._target_names)
+
+        def matching_gradients(theta, create_graph):
+            loss = self._lookahead_matching(theta, x, source_feats, leaf_channel_weights,
+                                            leaf_pair_weights)
+            return torch.autograd.grad(loss, theta, create_graph=create_graph, allow_unused=True)
+
+        def pull_back(theta, buffers, adjoint_theta, adjoint_buffers, through_theta):
+            """Adjoints of the meta outputs (and of the step's start, ``through_theta``)
+            from those of its end; the step's graph dies when this returns."""
+            theta, buffers = _leaves(theta), _leaves(buffers)
+            grads = matching_gradients(theta, create_graph=True)
+            new_theta, new_buffers = _sgd_lookahead(theta, buffers, grads, *hyper)
+            wanted = meta_leaves + (theta + buffers if through_theta else [])
+            return _grad(new_theta + new_buffers, adjoint_theta + adjoint_buffers, wanted)
+
+        theta = [p.detach() for p in self._theta]
+        buffers = [self.optimizer.state[p].get("momentum_buffer") for p in self._theta]
+        starts = []
+        for _ in range(self.inner_steps):
+            starts.append((theta, buffers))
+            grads = matching_gradients(_leaves(theta), create_graph=False)
+            with torch.no_grad():
+                theta, buffers = _sgd_lookahead(theta, buffers, grads, *hyper)
+
+        outer, adjoints = self._ce_step_adjoints(theta[:count], buffers[:count], x, y, hyper)
+        padding = [None] * (len(self._theta) - count)
+        adjoint_theta, adjoint_buffers = adjoints[:count] + padding, adjoints[count:] + padding
+
+        adjoint_meta = [None] * len(meta_leaves)
+        for index in reversed(range(self.inner_steps)):
+            theta, buffers = starts[index]
+            grads = pull_back(theta, buffers, adjoint_theta, adjoint_buffers, index > 0)
+            adjoint_meta = [_add(a, g) for a, g in zip(adjoint_meta, grads)]
+            adjoint_theta = grads[len(meta_leaves):len(meta_leaves) + len(theta)]
+            adjoint_buffers = grads[len(meta_leaves) + len(theta):]
+
+        params = [p for _, p in self._meta_named]
+        grads = _grad(meta_outputs, adjoint_meta, params)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        return outer, grads
+
+    # ---- public API --------------------------------------------------------------------
+
+    def hypergradient(self, x, y):
+        """d CE(theta'_{T+1}) / d phi at the current state, ``{"what.<param>": tensor, ...}``.
+
+        Changes nothing: parameters, momentum buffers, BatchNorm statistics, optimizer
+        states and ``.grad`` fields stay as they are.
+        """
+        with _train_mode(self.target_model):
+            _, grads = self._meta_gradients(x, y, self._source_features(x))
+        return {name: g for (name, _), g in zip(self._meta_named, grads)}
+
+    def step(self, x, y):
+        """One iteration; returns the real step's ``loss``, ``ce`` and ``matching`` (floats),
+        plus ``meta_ce`` (CE after the lookahead) on iterations with a meta step."""
+        with _train_mode(self.target_model):
+            source_feats = self._source_features(x)
+            with torch.no_grad():
+                channel_weights, pair_weights = self._meta_weights(source_feats)
+            self.optimizer.zero_grad(set_to_none=True)
+            logits, target_feats = self._target_hooks(x)
+            ce = F.cross_entropy(logits, y)
+            matching = self.matching(source_feats, target_feats, channel_weights, pair_weights)
+            loss = ce + matching
+            loss.backward()
+            self.optimizer.step()
+            self.iteration += 1
+            report = {"loss": loss.item(), "ce": ce.item(), "matching": matching.item()}
+            if self.iteration % self.meta_period == 0:
+                outer, grads = self._meta_gradients(x, y, source_feats)
+                for (_, p), g in zip(self._meta_named, grads):
+                    p.grad = g
+                self.meta_optimizer.step()
+                self.meta_optimizer.zero_grad(set_to_none=True)
+                report["meta_ce"] = outer.item()
+        return report
+
+    @torch.no_grad()
+    def pair_weights(self, x):
+        """Batch-mean Where weight of each pair, ``[P]`` (all ones without a Where network)."""
+        if self.where is None:
+            first = next(self.target_model.parameters())
+            return torch.ones(len(self.pairs), dtype=first.dtype, device=first.device)
+        return torch.stack([w.mean() for w in self.where(self._source_features(x))])
+
+    @torch.no_grad()
+    def channel_weights(self, x):
+        """Batch-mean What weights of each pair, a list of ``[Cs_m]`` tensors."""
+        return [w.mean(0) for w in self.what(self._source_features(x))]
+
+    def state_dict(self):
+        """Everything a resumed run needs: target, regressors, meta-networks, optimizers."""
+        return {
+            "target": self.target_model.state_dict(),
+            "matching": self.matching.state_dict(),
+            "what": self.what.state_dict(),
+            "where": None if self.where is None else self.where.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "iteration": self.iteration,
+        }
+
+    def load_state_dict(self, state):
+        if (state["where"] is None) != (self.where is None):
+            raise ValueError("state_dict and this engine disagree on learn_where")
+        self.target_model.load_state_dict(state["target"])
+        self.matching.load_state_dict(state["matching"])
+        self.what.load_state_dict(state["what"])
+        if self.where is not None:
+            self.where.load_state_dict(state["where"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.iteration = state["iteration"]

@@ -1,0 +1,143 @@
+"""Intermediate features of any ``nn.Module`` by forward hooks, and layer suggestions.
+
+Hooks (rather than a ``forward_with_features`` method as in the paper's code) let any
+model serve as source or target: torchvision, timm or user code, unchanged. Hooks also
+fire under ``torch.func.functional_call``, which is how the engine runs the lookahead.
+"""
+import difflib
+import re
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+
+class _EnoughFeatures(Exception):
+    """Raised by the last needed hook to end a forward pass early (see ``FeatureHooks.run``)."""
+
+
+class FeatureHooks:
+    """Collect the outputs of the modules named ``layer_names`` while the model runs.
+
+    ``hooks(x)`` returns ``(output, [feature of each name, in layer_names order])``. A module
+    that runs several times in one forward pass reports its last output. Use as a context
+    manager, or call ``remove()``, to take the hooks off the model.
+    """
+
+    def __init__(self, model, layer_names):
+        if isinstance(layer_names, str):
+            raise TypeError("layer_names must be a list of module names, got a single str")
+        self.model = model
+        self.layer_names = list(layer_names)
+        if not self.layer_names:
+            raise ValueError("layer_names is empty: name at least one module")
+        modules = dict(model.named_modules())
+        for name in self.layer_names:
+            if name not in modules:
+                close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
+                raise ValueError(f"layer {name!r} is not a module of {type(model).__name__}; "
+                                 f"close matches: {close}")
+        self._features = {}
+        self._stop_early = False
+        # partial of a bound method, not a closure: deepcopy of the model then copies the
+        # hooks along with it instead of leaving them pointing at this object
+        self._handles = [modules[name].register_forward_hook(partial(self._store, name))
+                         for name in dict.fromkeys(self.layer_names)]
+
+    def _store(self, name, module, inputs, output):
+        self._features[name] = output
+        if self._stop_early and len(self._features) == len(self._handles):
+            raise _EnoughFeatures
+
+    def __call__(self, *args, **kwargs):
+        return self.run(self.model, *args, **kwargs)
+
+    def run(self, forward, *args, stop_early=False, **kwargs):
+        """Call ``forward(*args, **kwargs)``, a function that runs the hooked model (the model
+        itself, or e.g. a ``functional_call`` of it), and return ``(output, features)``.
+
+        With ``stop_early`` the pass ends as soon as every feature is in, skipping the rest
+        of the model (e.g. the classifier head when only features are matched); the
+        output is then ``None``.
+        """
+        self._features = {}
+        self._stop_early = stop_early
+        output = None
+        try:
+            output = forward(*args, **kwargs)
+        except _EnoughFeatures:
+            pass
+        finally:
+            self._stop_early = False
+        missing = [n for n in self.layer_names if n not in self._features]
+        if missing:
+            raise RuntimeError(f"layers {missing} did not run in the forward pass of "
+                               f"{type(self.model).__name__}")
+        features = [self._features[n] for n in self.layer_names]
+        self._features = {}
+        return output, features
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _stage_number(name):
+    match = re.fullmatch(r"layer(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def suggest_layers(model, example_input=None):
+    """Names of the modules whose outputs make good feature maps to match (stage outputs).
+
+    - ResNet-style (top-level children ``layer1``, ``layer2``, ...): those stages, in order.
+    - VGG-style (a top-level ``features`` ``nn.Sequential`` with ``MaxPool2d``): the module
+      right before each max-pool, i.e. the last conv block output at each resolution.
+    - Anything else needs ``example_input``: the model runs once and, among its top-level
+      children that output 4-D maps, the last one before each change of spatial size
+      (the end of each resolution stage) is suggested.
+    """
+    children = dict(model.named_children())
+    stages = sorted((n for n in children if _stage_number(n) is not None), key=_stage_number)
+    if stages:
+        return stages
+    features = children.get("features")
+    if isinstance(features, nn.Sequential):
+        names = list(features._modules)
+        before_pool = [f"features.{names[i - 1]}" for i, name in enumerate(names)
+                       if i > 0 and isinstance(features._modules[name], nn.MaxPool2d)]
+        if before_pool:
+            return before_pool
+    if example_input is None:
+        raise ValueError(f"cannot suggest layers for {type(model).__name__} from its structure "
+                         f"alone (no layer1.. stages, no VGG-style features); pass example_input "
+                         f"or name the layers yourself")
+    return _stage_ends(model, example_input)
+
+
+def _stage_ends(model, example_input):
+    outputs = {}
+    handles = [child.register_forward_hook(
+        lambda module, inputs, output, name=name: outputs.__setitem__(name, output))
+        for name, child in model.named_children()]
+    was_training = [m.training for m in model.modules()]
+    model.eval()  # a dry run must not move BatchNorm statistics
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in zip(model.modules(), was_training):
+            module.training = flag
+    maps = [(name, out.shape[-2:]) for name, out in outputs.items()
+            if isinstance(out, Tensor) and out.dim() == 4]
+    return [name for i, (name, size) in enumerate(maps)
+            if i + 1 == len(maps) or maps[i + 1][1] != size]
