@@ -17,6 +17,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if "config" in info:
             rows.setdefault(info["config"], {})[info["implementation"]] = (
                 bench.stats.median, info["peak_bytes"])
+    if not rows:
+        return
     write = terminalreporter.write_line
     write("")
     write("ratios (reference / ours: >1 means ours is faster or smaller)")
