@@ -16,6 +16,11 @@ _EXPORTS = {
     "L2TWW": "l2t_fast.engine",
     "FeatureHooks": "l2t_fast.features",
     "suggest_layers": "l2t_fast.features",
+    "run_transfer": "l2t_fast.transfer",
+    "DEFAULT_CONFIG": "l2t_fast.transfer",
+    "build_method": "l2t_fast.methods",
+    "build_model": "l2t_fast.models",
+    "run_sweep": "l2t_fast.sweep",
 }
 
 __all__ = sorted(_EXPORTS)

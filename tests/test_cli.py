@@ -1,0 +1,84 @@
+"""The ``l2t-fast`` command line."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from l2t_fast.cli import build_parser, main
+from l2t_fast.transfer import DEFAULT_CONFIG
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared machine threads only wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_help_lists_the_commands_and_every_transfer_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "transfer" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["transfer", "--help"])
+    text = capsys.readouterr().out
+    for key in list(DEFAULT_CONFIG) + ["output_dir", "checkpoint_dir", "resume", "quiet"]:
+        assert "--" + key.replace("_", "-") in text
+
+
+def test_no_arguments_means_the_default_config():
+    args = build_parser().parse_args(["transfer"])
+    assert {key: getattr(args, key) for key in DEFAULT_CONFIG} == DEFAULT_CONFIG
+
+
+def test_options_are_parsed_into_the_config():
+    args = build_parser().parse_args(
+        ["transfer", "--methods", "scratch", "l2t-ww", "--seeds", "4", "5", "--pairs", "0:1",
+         "2:2", "--lr", "0.3", "--source-layers", "layer2", "layer3"])
+    assert args.methods == ["scratch", "l2t-ww"] and args.seeds == [4, 5]
+    assert args.pairs == [[0, 1], [2, 2]] and args.lr == 0.3
+    assert args.source_layers == ["layer2", "layer3"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["transfer", "--methods", "magic"], "unknown method 'magic'"),
+    (["transfer", "--pairs", "0-1"], "SOURCE:TARGET"),
+    (["transfer", "--epochs", "two"], "invalid int value"),
+    (["transfer", "--epochs", "0"], "epochs must be an int >= 1"),
+    (["transfer", "--pairs", "all", "0:0"], "'all' cannot be combined"),
+    (["transfer", "--source-checkpoint", "/no/such/file.pt"], "is not a file"),
+    (["transfer", "--resume"], "needs a checkpoint_dir"),
+    (["transfer", "--device", "cuda:7"] if not torch.cuda.is_available()
+     else ["transfer", "--device", "nonsense"], "device"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_options_exit_with_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tiny_transfer_run_prints_the_table_and_writes_outputs(tmp_path, capsys):
+    status = main(["transfer", "--image-size", "8", "--source-model", "resnet8",
+                   "--source-epochs", "1", "--epochs", "1", "--labels-per-class", "2",
+                   "--batch-size", "5", "--seeds", "0", "--methods", "scratch", "at",
+                   "--backend", "reference", "--cache-dir", str(tmp_path / "cache"),
+                   "--output-dir", str(tmp_path / "out"), "--quiet"])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "scratch" in out and "at " in out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [row["method"] for row in results["summary"]] == ["scratch", "at"]
+    assert (tmp_path / "out" / "results.png").stat().st_size > 0
+
+
+def test_python_dash_m_runs_the_command():
+    done = subprocess.run([sys.executable, "-m", "l2t_fast", "transfer", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--inner-steps" in done.stdout

@@ -1,0 +1,161 @@
+"""Every transfer method trains through the common interface and is evaluated alike."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from l2t_fast.loss import weighted_feature_matching
+from l2t_fast.methods import (METHODS, attention_map, build_method, evaluate,
+                              resolve_pairs)
+from l2t_fast.models import build_model, head_name, stage_names
+
+LAYERS = ["layer1", "layer2", "layer3"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared machine threads only wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_setup(seed=0):
+    torch.manual_seed(seed)
+    source = build_model("resnet8", 4).eval()
+    target = build_model("resnet8", 3)
+    x = torch.randn(12, 3, 8, 8)
+    y = torch.arange(12) % 3
+    return source, target, x, y
+
+
+def make(name, **options):
+    source, target, x, y = tiny_setup()
+    method = build_method(name, source_model=source, target_model=target, num_classes=3,
+                          source_layers=LAYERS, target_layers=LAYERS, example_input=x[:2],
+                          backend="reference", **options)
+    return method, source, x, y
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_lowers_its_loss_and_is_evaluated(name):
+    method, _, x, y = make(name, lr=0.05)
+    losses = [method.train_step(x, y) for _ in range(8)]
+    assert {"loss", "ce"} <= set(losses[0])
+    assert losses[-1]["loss"] < losses[0]["loss"]
+    assert method.model(x).shape == (12, 3)
+    accuracy = evaluate(method.model, x, y)
+    assert 0.0 <= accuracy <= 1.0
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_state_dict_round_trip_continues_identically(name):
+    method, _, x, y = make(name)
+    method.train_step(x, y)
+    saved = copy.deepcopy(method.state_dict())
+    first = method.train_step(x, y)
+    twin, _, _, _ = make(name)
+    twin.load_state_dict(saved)
+    assert twin.train_step(x, y) == first
+
+
+def test_source_model_is_left_untouched():
+    for name in METHODS:
+        method, source, x, y = make(name)
+        before = copy.deepcopy(source.state_dict())
+        method.train_step(x, y)
+        for key, value in source.state_dict().items():
+            assert torch.equal(value, before[key]), (name, key)
+
+
+def test_finetune_starts_from_the_source_and_freezes_stages():
+    method, source, x, y = make("finetune", freeze_stages=2)
+    model = method.model
+    frozen = stage_names(model)[:2]
+    assert frozen == ["stem", "layer1"]
+    assert torch.equal(model.layer2[0].conv1.weight, source.layer2[0].conv1.weight)
+    before = copy.deepcopy(model.state_dict())
+    method.train_step(x, y)
+    after = model.state_dict()
+    for key in before:
+        if key.startswith(tuple(frozen)):
+            assert torch.equal(before[key], after[key]), key
+    for key in ("layer2.0.conv1.weight", "layer3.0.bn1.running_mean", "fc.weight"):
+        assert not torch.equal(before[key], after[key]), key
+    assert model.fc.out_features == 3
+
+
+def test_finetune_rejects_too_many_frozen_stages():
+    with pytest.raises(ValueError, match="freeze_stages"):
+        make("finetune", freeze_stages=5)
+
+
+def test_lwf_keeps_a_trainable_copy_of_the_source_head():
+    method, source, x, y = make("lwf")
+    head = method.old_head
+    assert torch.equal(head.weight, source.fc.weight)
+    losses = method.train_step(x, y)
+    assert losses["distill"] >= 0
+    assert not torch.equal(head.weight, source.fc.weight)
+    assert head_name(method.model) == "fc" and method.model.fc.out_features == 3
+
+
+def test_fm_equals_the_unweighted_matching_loss():
+    method, source, x, y = make("fm")
+    with torch.no_grad():
+        _, source_feats, target_feats = method.features(x)
+        expected = weighted_feature_matching(
+            source_feats, target_feats, method.pairs, list(method.matching.weight),
+            list(method.matching.bias), beta=0.5, backend="reference")
+        assert torch.allclose(method.losses(x, y)["matching"], expected)
+    assert len(method.pairs) == 9
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 8), st.integers(1, 8), st.integers(1, 8))
+def test_attention_map_is_unit_norm_at_the_asked_size(batch, channels, height, width):
+    features = torch.randn(batch, channels, height, width)
+    maps = attention_map(features, (4, 5))
+    assert maps.shape == (batch, 20)
+    assert torch.allclose(maps.norm(dim=1), torch.ones(batch), atol=1e-5)
+    same = attention_map(features)
+    assert same.shape == (batch, height * width)
+
+
+def test_at_loss_is_zero_when_the_attention_matches():
+    features = torch.rand(2, 4, 6, 6)
+    scaled = torch.cat([features, features], dim=1) * 3  # same mean_c F^2 up to scale
+    assert torch.allclose(attention_map(features), attention_map(scaled), atol=1e-6)
+
+
+def test_l2t_w_has_no_where_network_and_l2t_ww_has_one():
+    assert make("l2t-w")[0].engine.where is None
+    learned = make("l2t-ww")[0]
+    assert learned.engine.where is not None
+    assert learned.pair_weights(torch.randn(4, 3, 8, 8)).shape == (9,)
+
+
+def test_resolve_pairs():
+    assert resolve_pairs("all", 2, 2) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert resolve_pairs([[1, 0]], 2, 1) == [(1, 0)]
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_pairs([(2, 0)], 2, 2)
+    with pytest.raises(ValueError, match="empty"):
+        resolve_pairs([], 2, 2)
+    with pytest.raises(ValueError, match="'all'"):
+        resolve_pairs("diagonal", 2, 2)
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(ValueError, match="unknown method 'distill'"):
+        make("distill")
+
+
+def test_evaluate_restores_training_mode():
+    model = build_model("resnet8", 3).train()
+    x, y = torch.randn(5, 3, 8, 8), torch.zeros(5, dtype=torch.int64)
+    evaluate(model, x, y, batch_size=2)
+    assert all(m.training for m in model.modules())
