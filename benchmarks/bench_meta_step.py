@@ -31,29 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive_meta_step import naive_hypergradient  # noqa: E402
 
 from l2t_fast.engine import L2TWW  # noqa: E402
+from l2t_fast.models import BasicBlock  # noqa: E402
 
 BATCH, SIZE, WIDTHS, CLASSES = 32, 32, (16, 32, 64, 128), 10
 STAGES = ["layer1", "layer2", "layer3", "layer4"]
 BACKEND = os.environ.get("L2T_BENCH_BACKEND", "reference")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
               "MALLOC_ARENA_MAX": "1"}
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                                          nn.BatchNorm2d(out_channels))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class SmallResNet(nn.Module):
