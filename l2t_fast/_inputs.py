@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 REDUCTIONS = ("mean", "none")

@@ -1,4 +1,4 @@
-"""The Triton backend against a float64 statement of SPEC.md section 1 written here.
+"""The Triton backend against the float64 statement of SPEC.md section 1 in the tests.
 
 Without CUDA the kernels run under the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), which executes every program in Python: shapes stay tiny. Tests
@@ -8,45 +8,15 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import l2t_fast
 from l2t_fast import backends
+from matching_reference import spec_loss
 
 pytestmark = pytest.mark.skipif("triton" not in backends.available_backends(),
                                 reason="the triton backend is not available here")
-
-
-def spec_errors(source, target, pairs, weight, bias):
-    """E_i [B, Cs] of every pair, in float64, as SPEC.md section 1 defines it."""
-    errors = []
-    for i, (m, n) in enumerate(pairs):
-        s, t = source[m].double(), target[n].double()
-        if s.shape[-2:] != t.shape[-2:]:
-            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
-        w = weight[i].double().reshape(weight[i].shape[0], -1)
-        projection = torch.einsum("ck,bkhw->bchw", w, t)
-        if bias is not None:
-            projection = projection + bias[i].double()[:, None, None]
-        errors.append((s - projection).pow(2).mean(dim=(2, 3)))
-    return errors
-
-
-def spec_loss(source, target, pairs, weight, bias=None, channel_weights=None,
-              pair_weights=None, beta=0.5, reduction="mean"):
-    rows = []
-    for i, error in enumerate(spec_errors(source, target, pairs, weight, bias)):
-        if channel_weights is None:
-            per = error.mean(dim=1)
-        else:
-            per = (channel_weights[i].double() * error).sum(dim=1)
-        if pair_weights is not None:
-            per = per * pair_weights[i].double().reshape(-1)
-        rows.append(beta * per)
-    out = torch.stack(rows)
-    return out if reduction == "none" else out.mean(dim=1).sum()
 
 
 def make_case(batch, source_shapes, target_shapes, pairs, dtype=torch.float64, bias=True,

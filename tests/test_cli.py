@@ -10,13 +10,7 @@ from l2t_fast.cli import build_parser, main
 from l2t_fast.transfer import DEFAULT_CONFIG
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine threads only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_help_lists_the_commands_and_every_transfer_option(capsys):

@@ -14,13 +14,7 @@ from l2t_fast.models import build_model, head_name, stage_names
 LAYERS = ["layer1", "layer2", "layer3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine threads only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_setup(seed=0):

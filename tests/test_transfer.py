@@ -9,13 +9,7 @@ from l2t_fast import checkpoint
 from l2t_fast.transfer import DEFAULT_CONFIG, resolve_config, run_transfer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine threads only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(tmp_path, **changes):
