@@ -6,7 +6,9 @@
 // pairs at once. The tile of D = S~ - W T - b ([rows, tile], a few hundred KB at most) is
 // then finished in place: the bilinear resize of the small source map, the subtraction
 // and the reductions, and it is recomputed in the backward instead of being stored.
-// Nothing of size [B, Cs, Ht, Wt] is ever allocated.
+// Nothing of size [B, Cs, Ht, Wt] is ever allocated. Row sums are `omp simd` reductions
+// (the _Pragma form, as they sit inside the dispatch macro): without that, the compiler
+// keeps the sequential order of the additions and does not vectorise them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -235,6 +237,7 @@ at::Tensor channel_errors_cpu(at::TensorList source, at::TensorList target,
             for (int64_t c = 0; c < cs; ++c) {
               const scalar_t* row = d_data + (group.row_offset[k] + c) * len;
               scalar_t sum = 0;
+              _Pragma("omp simd reduction(+ : sum)")
               for (int64_t j = 0; j < len; ++j) sum += row[j] * row[j];
               e_b[c] += sum * inv_hw;
             }
@@ -341,6 +344,7 @@ void subtract_row_sums(at::Tensor& sums, const at::Tensor& block) {
   const int64_t rows = block.size(0), len = block.size(1);
   for (int64_t r = 0; r < rows; ++r) {
     scalar_t total = 0;
+    _Pragma("omp simd reduction(+ : total)")
     for (int64_t j = 0; j < len; ++j) total += data[r * len + j];
     out[r] -= total;
   }
@@ -516,6 +520,7 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
               const scalar_t* ur = u_data + r * len;
               const scalar_t* dr = d_data + r * len;
               scalar_t sum = 0;
+              _Pragma("omp simd reduction(+ : sum)")
               for (int64_t j = 0; j < len; ++j) sum += ur[j] * dr[j];
               gge[b * plan.columns + col] += sum * cscale[col];
             }

@@ -178,3 +178,29 @@ def _check_same_dtype_and_device(**groups):
             if t.device != first.device:
                 raise ValueError(f"mixed devices: {label} is on {t.device} but {first_name} is on "
                                  f"{first.device}")
+
+
+def check_tangents(name, tangents, primals, primal_name):
+    """Tangents along ``primals`` (a list of tensors or Nones, None meaning zero), each
+    reshaped like its primal (so a [Cs, Ct, 1, 1] regressor tangent becomes 2-D too)."""
+    if tangents is None:
+        return [None] * len(primals)
+    if isinstance(tangents, Tensor) or not isinstance(tangents, Sequence):
+        raise TypeError(f"{name} must be a list of tensors (or None), got {type(tangents).__name__}")
+    if len(tangents) != len(primals):
+        raise ValueError(f"{name} must hold one tensor (or None) per {primal_name} entry: got "
+                         f"{len(tangents)} for {len(primals)}")
+    checked = []
+    for i, (v, p) in enumerate(zip(tangents, primals)):
+        if v is not None:
+            if not isinstance(v, Tensor):
+                raise TypeError(f"{name}[{i}] must be a tensor or None, got {type(v).__name__}")
+            if v.numel() != p.numel() or _shape(v) not in (_shape(p), _shape(p) + [1, 1]):
+                raise ValueError(f"{name}[{i}] has shape {_shape(v)} but {primal_name}[{i}] has "
+                                 f"shape {_shape(p)}")
+            if v.dtype != p.dtype or v.device != p.device:
+                raise TypeError(f"{name}[{i}] is {v.dtype} on {v.device} but {primal_name}[{i}] "
+                                f"is {p.dtype} on {p.device}")
+            v = v.reshape(p.shape)
+        checked.append(v)
+    return checked

@@ -9,8 +9,9 @@ parameters and every SGD step is written out on tensors. Reverse mode keeps one 
 per step (parameters and momentum buffers), so at most one step's double-backward graph is
 alive, like the paper's code; but nothing is deep-copied or restored, the source network
 and meta-networks run once per iteration, matching steps stop after the last hooked layer,
-the CE step is not recomputed, and the first step is differentiated only towards the meta
-parameters (no Hessian-vector product at the starting point).
+the CE step is not recomputed, and the first step, which needs no adjoint of its start,
+costs one forward-mode pass instead of a backward and a double backward: T Hessian-vector
+products in all, where the replay does T + 1.
 
 Lookahead forwards run the target in train mode, with batch statistics in BatchNorm, as
 the paper's code does; they get copies of the target's buffers, so running statistics of
@@ -20,10 +21,12 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch.func import functional_call
 
 from l2t_fast.features import FeatureHooks
-from l2t_fast.loss import WeightedFeatureMatching, weighted_feature_matching
+from l2t_fast.loss import (WeightedFeatureMatching, weighted_feature_matching,
+                           weighted_feature_matching_jvp)
 from l2t_fast.meta import WhatNetwork, WhereNetwork
 
 
@@ -80,16 +83,31 @@ def _sgd_lookahead(params, buffers, grads, lr, momentum, weight_decay):
 
     A ``None`` gradient (the loss does not reach that parameter) counts as zero, so the
     parameter still moves by momentum and weight decay. A ``None`` buffer is a first step.
+    Multi-tensor (``_foreach``) ops, as torch.optim uses: a step touches every parameter
+    tensor, and one op per tensor would cost more in dispatch than in arithmetic.
     """
-    new_params, new_buffers = [], []
-    for p, buf, g in zip(params, buffers, grads):
-        d = p * weight_decay if g is None else (g + weight_decay * p if weight_decay else g)
-        if momentum:
-            buf = d if buf is None else momentum * buf + d
-            d = buf
-        new_params.append(p - lr * d)
-        new_buffers.append(buf)
-    return new_params, new_buffers
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    steps = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else grads
+    new_buffers = list(buffers)
+    if momentum:
+        steps = list(steps)
+        old = [i for i, buf in enumerate(buffers) if buf is not None]
+        if old:
+            moved = torch._foreach_add(torch._foreach_mul([buffers[i] for i in old], momentum),
+                                       [steps[i] for i in old])
+            for i, buf in zip(old, moved):
+                steps[i] = buf
+        new_buffers = steps
+    return list(torch._foreach_add(params, steps, alpha=-lr)), new_buffers
+
+
+def _step_direction(adjoint_param, adjoint_buffer, lr, momentum):
+    """The adjoint that one SGD step hands to its gradient g, from the adjoints ``a`` of the
+    new parameter and ``b`` of the new momentum buffer: ``b - lr a`` (``-lr a`` without
+    momentum, where the buffer is not updated); None stands for zero."""
+    if momentum and adjoint_buffer is not None:
+        return adjoint_buffer if adjoint_param is None else adjoint_buffer - lr * adjoint_param
+    return None if adjoint_param is None else -lr * adjoint_param
 
 
 def _leaves(tensors):
@@ -189,6 +207,16 @@ class L2TWW:
         return self._target_hooks.run(functional_call, self.target_model, tensors, (x,),
                                       stop_early=stop_early)
 
+    def _feature_tangents(self, theta, directions, x):
+        """Target features at ``theta`` and their derivatives along ``directions`` (None
+        for zero), by forward-mode AD; a feature that no direction moves gets None."""
+        with forward_ad.dual_level():
+            duals = [t if d is None else forward_ad.make_dual(t, d)
+                     for t, d in zip(theta, directions)]
+            _, feats = self._run_target(duals, x, stop_early=True)
+            unpacked = [forward_ad.unpack_dual(f) for f in feats]
+        return [u.primal for u in unpacked], [u.tangent for u in unpacked]
+
     def _lookahead_matching(self, theta, x, source_feats, channel_weights, pair_weights):
         _, target_feats = self._run_target(theta, x, stop_early=True)
         count = len(self._target_names)
@@ -218,10 +246,10 @@ class L2TWW:
         Reverse mode with one checkpoint per step: the forward pass keeps only each
         matching step's starting point (parameters and momentum buffers, plain tensors);
         the CE step's graph is kept and differentiated with the final CE; then every
-        matching step is rebuilt with ``create_graph=True``, newest first, and the adjoints
-        of parameters, momentum buffers and meta-network outputs are pulled through it. So
-        one step's double-backward graph is alive at a time, and at the first step only
-        the path to the meta-networks is differentiated (no Hessian at the start point).
+        matching step but the first is rebuilt with ``create_graph=True``, newest first, and
+        the adjoints of parameters, momentum buffers and meta-network outputs are pulled
+        through it, so one step's double-backward graph is alive at a time. The first step
+        only passes adjoints to the meta outputs (``pull_back_to_meta``).
         """
         channel_weights, pair_weights = self._meta_weights(source_feats)
         meta_outputs = channel_weights + ([] if pair_weights is None else pair_weights)
@@ -238,14 +266,34 @@ class L2TWW:
                                             leaf_pair_weights)
             return torch.autograd.grad(loss, theta, create_graph=create_graph, allow_unused=True)
 
-        def pull_back(theta, buffers, adjoint_theta, adjoint_buffers, through_theta):
-            """Adjoints of the meta outputs (and of the step's start, ``through_theta``)
-            from those of its end; the step's graph dies when this returns."""
+        def pull_back(theta, buffers, adjoint_theta, adjoint_buffers):
+            """Adjoints of the meta outputs and of the step's start from those of its end;
+            the step's graph dies when this returns."""
             theta, buffers = _leaves(theta), _leaves(buffers)
             grads = matching_gradients(theta, create_graph=True)
             new_theta, new_buffers = _sgd_lookahead(theta, buffers, grads, *hyper)
-            wanted = meta_leaves + (theta + buffers if through_theta else [])
-            return _grad(new_theta + new_buffers, adjoint_theta + adjoint_buffers, wanted)
+            return _grad(new_theta + new_buffers, adjoint_theta + adjoint_buffers,
+                         meta_leaves + theta + buffers)
+
+        def pull_back_to_meta(theta, adjoint_theta, adjoint_buffers):
+            """Adjoints of the meta outputs alone from those of the step's end.
+
+            The step reaches the meta outputs only through its gradient g, as
+            <g, v> with v = b - lr a (the adjoint that the step hands to g); g is linear in
+            the meta outputs, so d<g, v>/d(meta) is the loss's derivative along v,
+            differentiated in the meta outputs: one forward-mode pass through the target
+            instead of a backward and a double backward.
+            """
+            direction = [_step_direction(a, b, group["lr"], group["momentum"])
+                         for a, b in zip(adjoint_theta, adjoint_buffers)]
+            feats, feat_tangents = self._feature_tangents(theta[:count], direction[:count], x)
+            num = len(self.pairs)
+            directional = weighted_feature_matching_jvp(
+                source_feats, feats, self.pairs, theta[count:count + num],
+                theta[count + num:], leaf_channel_weights, leaf_pair_weights,
+                self.matching.beta, feat_tangents, direction[count:count + num],
+                direction[count + num:], backend=self.backend)
+            return _grad([directional], [torch.ones_like(directional)], meta_leaves)
 
         theta = [p.detach() for p in self._theta]
         buffers = [self.optimizer.state[p].get("momentum_buffer") for p in self._theta]
@@ -261,12 +309,14 @@ class L2TWW:
         adjoint_theta, adjoint_buffers = adjoints[:count] + padding, adjoints[count:] + padding
 
         adjoint_meta = [None] * len(meta_leaves)
-        for index in reversed(range(self.inner_steps)):
+        for index in reversed(range(1, self.inner_steps)):
             theta, buffers = starts[index]
-            grads = pull_back(theta, buffers, adjoint_theta, adjoint_buffers, index > 0)
+            grads = pull_back(theta, buffers, adjoint_theta, adjoint_buffers)
             adjoint_meta = [_add(a, g) for a, g in zip(adjoint_meta, grads)]
             adjoint_theta = grads[len(meta_leaves):len(meta_leaves) + len(theta)]
             adjoint_buffers = grads[len(meta_leaves) + len(theta):]
+        grads = pull_back_to_meta(starts[0][0], adjoint_theta, adjoint_buffers)
+        adjoint_meta = [_add(a, g) for a, g in zip(adjoint_meta, grads)]
 
         params = [p for _, p in self._meta_named]
         grads = _grad(meta_outputs, adjoint_meta, params)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from l2t_fast import backends
-from l2t_fast._inputs import check_matching_inputs
+from l2t_fast._inputs import check_matching_inputs, check_tangents
 
 
 def _segment_matrix(channels, like, mean):
@@ -24,22 +24,19 @@ def _segment_matrix(channels, like, mean):
     return matrix
 
 
-def weighted_feature_matching(source_feats, target_feats, pairs, weight, bias=None,
-                              channel_weights=None, pair_weights=None, beta=0.5,
-                              reduction="mean", backend="auto"):
-    """Sum over pairs of beta_i * mean_b lam_i[b] * sum_c w_i[b, c] * E_i[b, c].
-
-    See SPEC.md section 1. ``reduction="none"`` returns the ``[P, B]`` per-sample terms.
-    """
+def _prepare(source_feats, target_feats, pairs, weight, bias, channel_weights, pair_weights,
+             beta, reduction, backend):
     inputs = check_matching_inputs(source_feats, target_feats, pairs, weight, bias,
                                    channel_weights, pair_weights, beta, reduction)
     first = inputs.source[0]
     chosen = backends.resolve(backend, first.device, first.dtype)
-    bias = inputs.bias
-    if bias is None:
-        bias = [w.new_zeros(w.shape[0]) for w in inputs.weight]
-    errors = chosen.channel_errors(inputs.source, inputs.target, inputs.weight, bias,
-                                   inputs.pair_source, inputs.pair_target)
+    if inputs.bias is None:
+        inputs.bias = [w.new_zeros(w.shape[0]) for w in inputs.weight]
+    return inputs, chosen
+
+
+def _weigh(errors, inputs, reduction):
+    """The loss from the channel errors ``[B, sum_i Cs_i]``; linear in ``errors``."""
     channels = inputs.source_channels
     if inputs.channel_weights is None:
         per_sample = errors @ _segment_matrix(channels, errors, mean=True)
@@ -52,6 +49,44 @@ def weighted_feature_matching(source_feats, target_feats, pairs, weight, bias=No
     if reduction == "none":
         return per_sample.t()
     return per_sample.mean(dim=0).sum()
+
+
+def weighted_feature_matching(source_feats, target_feats, pairs, weight, bias=None,
+                              channel_weights=None, pair_weights=None, beta=0.5,
+                              reduction="mean", backend="auto"):
+    """Sum over pairs of beta_i * mean_b lam_i[b] * sum_c w_i[b, c] * E_i[b, c].
+
+    See SPEC.md section 1. ``reduction="none"`` returns the ``[P, B]`` per-sample terms.
+    """
+    inputs, chosen = _prepare(source_feats, target_feats, pairs, weight, bias, channel_weights,
+                              pair_weights, beta, reduction, backend)
+    errors = chosen.channel_errors(inputs.source, inputs.target, inputs.weight, inputs.bias,
+                                   inputs.pair_source, inputs.pair_target)
+    return _weigh(errors, inputs, reduction)
+
+
+def weighted_feature_matching_jvp(source_feats, target_feats, pairs, weight, bias=None,
+                                  channel_weights=None, pair_weights=None, beta=0.5,
+                                  target_tangents=None, weight_tangents=None,
+                                  bias_tangents=None, reduction="mean", backend="auto"):
+    """The loss's derivative along tangents of the target features and regressors.
+
+    What forward-mode AD would give (source features held fixed; a None tangent is zero),
+    for every backend, although the compiled ops have no forward-mode rule: the backend's
+    double backward yields the errors' derivative, and the weighting is linear in the
+    errors. The result is differentiable (reverse mode) in the channel and pair weights,
+    which is how the meta step gets d<grad loss, v>/d(weights) without a second backward.
+    """
+    inputs, chosen = _prepare(source_feats, target_feats, pairs, weight, bias, channel_weights,
+                              pair_weights, beta, reduction, backend)
+    target_tangents = check_tangents("target_tangents", target_tangents, inputs.target,
+                                     "target_feats")
+    weight_tangents = check_tangents("weight_tangents", weight_tangents, inputs.weight, "weight")
+    bias_tangents = check_tangents("bias_tangents", bias_tangents, inputs.bias, "bias")
+    errors_tangent = chosen.channel_errors_jvp(
+        inputs.source, inputs.target, inputs.weight, inputs.bias, inputs.pair_source,
+        inputs.pair_target, target_tangents, weight_tangents, bias_tangents)
+    return _weigh(errors_tangent, inputs, reduction)
 
 
 class WeightedFeatureMatching(nn.Module):

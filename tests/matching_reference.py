@@ -5,6 +5,7 @@ against this, not against each other.
 """
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
 
 
 def spec_loss(source, target, pairs, weight, bias=None, channel_weights=None,
@@ -61,3 +62,22 @@ def as_spec_args(problem):
                 pairs=problem["pairs"], weight=problem["weight"], bias=problem.get("bias"),
                 channel_weights=problem.get("channel_weights"),
                 pair_weights=problem.get("pair_weights"))
+
+
+map_sizes = st.tuples(st.integers(1, 9), st.integers(1, 9))
+
+
+@st.composite
+def problems(draw):
+    """Shapes, pairs, optional inputs and a seed of a random loss problem."""
+    batch = draw(st.integers(1, 3))
+    num_source = draw(st.integers(1, 3))
+    num_target = draw(st.integers(1, 3))
+    source = [(batch, draw(st.integers(1, 7)), *draw(map_sizes)) for _ in range(num_source)]
+    target = [(batch, draw(st.integers(1, 7)), *draw(map_sizes)) for _ in range(num_target)]
+    all_pairs = [(m, n) for m in range(num_source) for n in range(num_target)]
+    pairs = draw(st.lists(st.sampled_from(all_pairs), min_size=1, max_size=6))
+    options = dict(bias=draw(st.booleans()), channel_weights=draw(st.booleans()),
+                   pair_weights=draw(st.booleans()))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return source, target, pairs, options, seed

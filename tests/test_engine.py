@@ -138,16 +138,36 @@ def test_hypergradient_equals_independent_unroll(activation):
     assert_same(engine.hypergradient(x, y), expected)
 
 
-@pytest.mark.parametrize("inner_steps, steps_before", [(1, 0), (3, 2)])
-def test_l2t_w_hypergradient_equals_independent_unroll(inner_steps, steps_before):
-    """No Where network; also T = 1 and 3, and a first step with no momentum buffers yet."""
+@pytest.mark.parametrize("inner_steps, steps_before, momentum",
+                         [(1, 0, 0.9), (3, 2, 0.9), (2, 1, 0.0)])
+def test_l2t_w_hypergradient_equals_independent_unroll(inner_steps, steps_before, momentum):
+    """No Where network; also T = 1 and 3, a first step with no momentum buffers yet, and
+    plain SGD without momentum."""
     engine, x, y = make_engine(learn_where=False, inner_steps=inner_steps,
-                               steps_before=steps_before, pairs=[(1, 0), (0, 1)])
+                               steps_before=steps_before, pairs=[(1, 0), (0, 1)],
+                               momentum=momentum)
     assert engine.where is None
     ours = engine.hypergradient(x, y)
     assert all(name.startswith("what.") for name in ours)
     assert_same(ours, independent_hypergradient(engine, x, y, None, learn_where=False))
     torch.testing.assert_close(engine.pair_weights(x), torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("inner_steps", [1, 3])
+def test_meta_step_does_t_hessian_vector_products(monkeypatch, inner_steps):
+    """The CE step and matching steps 2..T are differentiated twice; the first matching
+    step goes by one forward-mode pass (the replay of the paper's code does T + 1)."""
+    engine, x, y = make_engine(inner_steps=inner_steps)
+    calls = []
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls.append(kwargs.get("create_graph", False))
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    engine.hypergradient(x, y)
+    assert sum(calls) == inner_steps
 
 
 def snapshot(engine):

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import l2t_fast
 from l2t_fast.backends import BackendUnavailable
-from matching_reference import as_spec_args, random_problem, spec_loss
+from matching_reference import as_spec_args, problems, random_problem, spec_loss
 
 CPU_BACKENDS = [b for b in ("reference", "cpu") if b in l2t_fast.available_backends()]
 
@@ -59,24 +59,6 @@ def assert_same_grads(ours, spec, rtol, atol):
             assert a is None or torch.count_nonzero(a) == 0
         else:
             torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
-
-
-map_sizes = st.tuples(st.integers(1, 9), st.integers(1, 9))
-
-
-@st.composite
-def problems(draw):
-    batch = draw(st.integers(1, 3))
-    num_source = draw(st.integers(1, 3))
-    num_target = draw(st.integers(1, 3))
-    source = [(batch, draw(st.integers(1, 7)), *draw(map_sizes)) for _ in range(num_source)]
-    target = [(batch, draw(st.integers(1, 7)), *draw(map_sizes)) for _ in range(num_target)]
-    all_pairs = [(m, n) for m in range(num_source) for n in range(num_target)]
-    pairs = draw(st.lists(st.sampled_from(all_pairs), min_size=1, max_size=6))
-    options = dict(bias=draw(st.booleans()), channel_weights=draw(st.booleans()),
-                   pair_weights=draw(st.booleans()))
-    seed = draw(st.integers(0, 2**31 - 1))
-    return source, target, pairs, options, seed
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

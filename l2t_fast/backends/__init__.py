@@ -36,10 +36,18 @@ class Backend:
 
     @property
     def channel_errors(self):
+        return self._module().channel_errors
+
+    @property
+    def channel_errors_jvp(self):
+        """``(source, target, weight, bias, pair_source, pair_target, tangent_target,
+        tangent_weight, tangent_bias) -> dE``: the errors' derivative along the tangents."""
+        return self._module().channel_errors_jvp
+
+    def _module(self):
         # Imported by the availability check already; sys.modules keeps torch.compile's
         # tracing away from the import machinery.
-        module = sys.modules.get(self.module) or import_module(self.module)
-        return module.channel_errors
+        return sys.modules.get(self.module) or import_module(self.module)
 
 
 def _extension_problem(need_cuda=False):

@@ -71,6 +71,22 @@ def _tangents(cotangents, like):
     return list(cotangents)
 
 
+def errors_tangent(ops, source, target, weight, bias, pair_source, pair_target,
+                   tangent_target, tangent_weight, tangent_bias):
+    """The errors' derivative along tangents of target, weight and bias (source fixed).
+
+    The ops have no forward-mode rule, but the double backward's ``grad_grad_errors``,
+    ``(2 / HW) sum_hw U D``, is exactly that derivative and does not depend on
+    ``grad_errors``; with every gradient masked off, nothing else is computed.
+    """
+    batch = source[0].shape[0]
+    width = sum(source[m].shape[1] for m in pair_source)
+    unused = source[0].new_zeros((batch, width), dtype=errors_dtype(source[0].dtype))
+    return ops.channel_errors_double_backward(
+        unused, [None] * len(source), tangent_target, tangent_weight, tangent_bias, source,
+        target, weight, bias, pair_source, pair_target, [False] * 4)[0]
+
+
 def register(namespace):
     """Register fake kernels and autograd for ``{namespace}::channel_errors*``."""
     ops = getattr(torch.ops, namespace)

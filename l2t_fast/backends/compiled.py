@@ -35,3 +35,10 @@ def has_cuda_kernels():
 def channel_errors(source, target, weight, bias, pair_source, pair_target):
     return torch.ops.l2t_fast.channel_errors(source, target, weight, bias, pair_source,
                                              pair_target)
+
+
+def channel_errors_jvp(source, target, weight, bias, pair_source, pair_target, tangent_target,
+                       tangent_weight, tangent_bias):
+    return _registration.errors_tangent(torch.ops.l2t_fast, source, target, weight, bias,
+                                        pair_source, pair_target, tangent_target,
+                                        tangent_weight, tangent_bias)

@@ -5,6 +5,7 @@ compiled backends avoid; autograd gives its gradients and double gradients.
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 
 def channel_errors(source, target, weight, bias, pair_source, pair_target):
@@ -22,3 +23,17 @@ def channel_errors(source, target, weight, bias, pair_source, pair_target):
         projection = torch.einsum("ck,bkhw->bchw", w, t) + b[:, None, None]
         columns.append((s - projection).pow(2).mean(dim=(2, 3)))
     return torch.cat(columns, dim=1)
+
+
+def channel_errors_jvp(source, target, weight, bias, pair_source, pair_target, tangent_target,
+                       tangent_weight, tangent_bias):
+    """The errors' derivative along the tangents, by forward-mode AD of ``channel_errors``."""
+    with forward_ad.dual_level():
+        def dual(primals, tangents):
+            return [p if v is None else forward_ad.make_dual(p, v)
+                    for p, v in zip(primals, tangents)]
+        errors = channel_errors(source, dual(target, tangent_target),
+                                dual(weight, tangent_weight), dual(bias, tangent_bias),
+                                pair_source, pair_target)
+        tangent = forward_ad.unpack_dual(errors).tangent
+    return torch.zeros_like(errors) if tangent is None else tangent

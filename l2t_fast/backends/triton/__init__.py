@@ -16,3 +16,10 @@ def channel_errors(source, target, weight, bias, pair_source, pair_target):
     """E [B, sum_i Cs_i] of every pair (see ``backends/_registration.py``)."""
     return torch.ops.l2t_fast_triton.channel_errors(source, target, weight, bias, pair_source,
                                                     pair_target)
+
+
+def channel_errors_jvp(source, target, weight, bias, pair_source, pair_target, tangent_target,
+                       tangent_weight, tangent_bias):
+    return _registration.errors_tangent(torch.ops.l2t_fast_triton, source, target, weight,
+                                        bias, pair_source, pair_target, tangent_target,
+                                        tangent_weight, tangent_bias)
