@@ -17,6 +17,7 @@ Lookahead forwards run the target in train mode, with batch statistics in BatchN
 the paper's code does; they get copies of the target's buffers, so running statistics of
 the model never move during a lookahead.
 """
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -185,6 +186,7 @@ class L2TWW:
         self._meta_named = [("what." + n, p) for n, p in self.what.named_parameters()]
         if self.where is not None:
             self._meta_named += [("where." + n, p) for n, p in self.where.named_parameters()]
+        self._forward_mode = True  # False once the target turned out to lack a jvp rule
         self.meta_optimizer = torch.optim.Adam([p for _, p in self._meta_named], lr=meta_lr,
                                                weight_decay=meta_weight_decay)
 
@@ -284,15 +286,15 @@ class L2TWW:
             differentiated in the meta outputs: one forward-mode pass through the target
             instead of a backward and a double backward.
             """
-            direction = [_step_direction(a, b, group["lr"], group["momentum"])
+            lr, momentum, _ = hyper
+            direction = [_step_direction(a, b, lr, momentum)
                          for a, b in zip(adjoint_theta, adjoint_buffers)]
             feats, feat_tangents = self._feature_tangents(theta[:count], direction[:count], x)
-            num = len(self.pairs)
             directional = weighted_feature_matching_jvp(
-                source_feats, feats, self.pairs, theta[count:count + num],
-                theta[count + num:], leaf_channel_weights, leaf_pair_weights,
-                self.matching.beta, feat_tangents, direction[count:count + num],
-                direction[count + num:], backend=self.backend)
+                source_feats, feats, self.pairs, theta[count:count + num_pairs],
+                theta[count + num_pairs:], leaf_channel_weights, leaf_pair_weights,
+                self.matching.beta, feat_tangents, direction[count:count + num_pairs],
+                direction[count + num_pairs:], backend=self.backend)
             return _grad([directional], [torch.ones_like(directional)], meta_leaves)
 
         theta = [p.detach() for p in self._theta]
@@ -315,7 +317,16 @@ class L2TWW:
             adjoint_meta = [_add(a, g) for a, g in zip(adjoint_meta, grads)]
             adjoint_theta = grads[len(meta_leaves):len(meta_leaves) + len(theta)]
             adjoint_buffers = grads[len(meta_leaves) + len(theta):]
-        grads = pull_back_to_meta(starts[0][0], adjoint_theta, adjoint_buffers)
+        if self._forward_mode:
+            try:
+                grads = pull_back_to_meta(starts[0][0], adjoint_theta, adjoint_buffers)
+            except NotImplementedError as error:  # an op of the model has no forward-mode rule
+                warnings.warn(f"the target model does not support forward-mode AD ({error}); "
+                              f"the meta step's first step uses a double backward instead, "
+                              f"which is exact but slower", stacklevel=4)
+                self._forward_mode = False
+        if not self._forward_mode:
+            grads = pull_back(*starts[0], adjoint_theta, adjoint_buffers)
         adjoint_meta = [_add(a, g) for a, g in zip(adjoint_meta, grads)]
 
         params = [p for _, p in self._meta_named]

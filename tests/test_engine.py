@@ -170,6 +170,34 @@ def test_meta_step_does_t_hessian_vector_products(monkeypatch, inner_steps):
     assert sum(calls) == inner_steps
 
 
+class _ReluWithoutJvp(torch.autograd.Function):
+    """ReLU as a custom function with a backward (twice differentiable) but no jvp."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0).to(grad.dtype)
+
+
+class ReluWithoutJvp(nn.Module):
+    def forward(self, x):
+        return _ReluWithoutJvp.apply(x)
+
+
+def test_model_without_forward_mode_rules_falls_back_to_double_backward():
+    engine, x, y = make_engine(learn_where=False, pairs=[(1, 0), (0, 1)])
+    engine.target_model.layer1[2] = ReluWithoutJvp()
+    expected = independent_hypergradient(engine, x, y, None, learn_where=False)
+    with pytest.warns(UserWarning, match="forward-mode AD"):
+        assert_same(engine.hypergradient(x, y), expected)
+    assert_same(engine.hypergradient(x, y), expected)  # no second try, no second warning
+
+
 def snapshot(engine):
     return copy.deepcopy({
         "target": engine.target_model.state_dict(),
