@@ -119,7 +119,7 @@ def build_parser(with_sweep=False):
         "transfer", help="compare transfer methods on a few-label target task",
         description="Train scratch, finetune, lwf, at, fm, l2t-w and l2t-ww on the target task "
                     "for several seeds and compare test accuracies. With no options: the "
-                    "embedded digits demo (about 5 minutes on 2 CPU cores).")
+                    "embedded digits demo (a few minutes on 2 CPU cores).")
     add_transfer_arguments(transfer)
     transfer.set_defaults(handler=_transfer)
     sweep = commands.add_parser("sweep", help="hyperparameter sweep of the transfer job "

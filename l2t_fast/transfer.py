@@ -24,8 +24,8 @@ from l2t_fast.models import build_model, head_name, replace_head
 
 # Every option of ``l2t-fast transfer`` (its long option with dashes -> underscores) with its
 # default, except the output/checkpoint folders, --resume and --quiet, which are keyword
-# arguments of run_transfer. The defaults are the embedded digits demo, tuned to take about
-# five minutes on two CPU cores.
+# arguments of run_transfer. The defaults are the embedded digits demo, which takes a few
+# minutes on two CPU cores (benchmarks/RESULTS.md).
 DEFAULT_CONFIG = {
     "data": "digits",           # "digits", an image-folder path, or a torchvision data set name
     "data_root": None,          # where a torchvision data set was downloaded

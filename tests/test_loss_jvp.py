@@ -114,3 +114,29 @@ def test_bad_tangents_are_named():
     # a [Cs, Ct, 1, 1] tangent of a 2-D regressor is accepted, like the regressor itself
     conv_shaped = [w[:, :, None, None] for w in good["weight"]]
     torch.testing.assert_close(call(weight_tangents=conv_shaped), call())
+
+
+GPU_BACKENDS = [b for b in ("cuda", "triton") if b in l2t_fast.available_backends()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_backends_match_the_spec(backend, dtype):
+    """On CUDA tensors: the fused jvp against the spec's float64 directional derivative."""
+    if backend not in GPU_BACKENDS or not torch.cuda.is_available():
+        pytest.skip(f"needs a CUDA device and the {backend} backend")
+    problem = random_problem([(4, 8, 7, 7), (4, 16, 4, 4)], [(4, 6, 14, 14), (4, 12, 7, 7)],
+                             [(0, 0), (0, 1), (1, 0), (1, 1)],
+                             generator=torch.Generator().manual_seed(3))
+    tangents = random_tangents(problem, 4)
+    expected = spec_directional(problem, tangents)
+    on_gpu = {key: ([t.detach().to("cuda", dtype) for t in value]
+                    if isinstance(value, list) and torch.is_tensor(value[0]) else value)
+              for key, value in problem.items()}
+    gpu_tangents = {key: [None if v is None else v.to("cuda", dtype) for v in value]
+                    for key, value in tangents.items()}
+    ours = ours_directional(on_gpu, gpu_tangents, backend)
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(ours.double().cpu(), expected.detach(), rtol=tolerance,
+                               atol=tolerance)
