@@ -60,6 +60,7 @@ def test_bad_options_exit_with_a_clear_error(argv, message, capsys):
 
 def test_tiny_transfer_run_prints_the_table_and_writes_outputs(tmp_path, capsys):
     status = main(["transfer", "--image-size", "8", "--source-model", "resnet8",
+                   "--target-model", "resnet8",
                    "--source-epochs", "1", "--epochs", "1", "--labels-per-class", "2",
                    "--batch-size", "5", "--seeds", "0", "--methods", "scratch", "at",
                    "--backend", "reference", "--cache-dir", str(tmp_path / "cache"),

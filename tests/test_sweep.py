@@ -220,7 +220,8 @@ def test_interrupted_sweep_resumes_and_never_reruns_a_finished_trial(ray_session
 def test_command_runs_real_transfers_and_skips_them_when_run_again(ray_session, tmp_path, capsys):
     output = tmp_path / "sweep"
     argv = ["--set", "epochs=1", "--set", "methods=scratch", "--set", "seeds=[0]",
-            "--set", "source_model=resnet8", "--set", "image_size=8",
+            "--set", "source_model=resnet8", "--set", "target_model=resnet8",
+            "--set", "image_size=8",
             "--set", "labels_per_class=1", "--set", "source_epochs=1",
             "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "device=cpu",
             "--output-dir", str(output), "--cpus-per-trial", "2"]

@@ -13,9 +13,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(tmp_path, **changes):
-    config = {"image_size": 8, "source_model": "resnet8", "source_epochs": 1, "epochs": 2,
-              "labels_per_class": 2, "batch_size": 5, "seeds": [0], "backend": "reference",
-              "methods": ["scratch", "l2t-ww"], "cache_dir": str(tmp_path / "cache")}
+    config = {"image_size": 8, "source_model": "resnet8", "target_model": "resnet8",
+              "source_epochs": 1, "epochs": 2, "labels_per_class": 2, "batch_size": 5,
+              "seeds": [0], "backend": "reference", "methods": ["scratch", "l2t-ww"],
+              "cache_dir": str(tmp_path / "cache")}
     return {**config, **changes}
 
 
