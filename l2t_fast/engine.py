@@ -307,12 +307,14 @@ class L2TWW:
                 theta, buffers = _sgd_lookahead(theta, buffers, grads, *hyper)
 
         outer, adjoints = self._ce_step_adjoints(theta[:count], buffers[:count], x, y, hyper)
+        del theta, buffers, grads  # peak memory: keep only what the reverse sweep reads
         padding = [None] * (len(self._theta) - count)
         adjoint_theta, adjoint_buffers = adjoints[:count] + padding, adjoints[count:] + padding
+        del adjoints
 
         adjoint_meta = [None] * len(meta_leaves)
-        for index in reversed(range(1, self.inner_steps)):
-            theta, buffers = starts[index]
+        for _ in range(1, self.inner_steps):
+            theta, buffers = starts.pop()
             grads = pull_back(theta, buffers, adjoint_theta, adjoint_buffers)
             adjoint_meta = [_add(a, g) for a, g in zip(adjoint_meta, grads)]
             adjoint_theta = grads[len(meta_leaves):len(meta_leaves) + len(theta)]
