@@ -65,7 +65,7 @@ class SmallResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def make_problem(backend):
+def make_problem(backend, dtype=torch.float32):
     """An engine one real step into training (so momentum buffers exist) and a batch.
 
     The set-up step always runs on the "auto" backend, so that every implementation starts
@@ -74,8 +74,9 @@ def make_problem(backend):
     """
     torch.manual_seed(0)
     torch.set_num_threads(min(2, os.cpu_count()))
-    engine = L2TWW(SmallResNet(), SmallResNet(), STAGES, STAGES, inner_steps=2)
-    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    engine = L2TWW(SmallResNet().to(dtype), SmallResNet().to(dtype), STAGES, STAGES,
+                   inner_steps=2)
+    x = torch.randn(BATCH, 3, SIZE, SIZE, dtype=dtype)
     y = torch.randint(0, CLASSES, (BATCH,))
     engine.step(x, y)
     engine.backend = engine.matching.backend = backend
@@ -129,16 +130,21 @@ def test_meta_step(benchmark, name):
 
 
 def test_same_hypergradient():
-    """Every implementation computes the same hypergradient (float32 round-off apart)."""
+    """Every implementation computes the same hypergradient, in float64.
+
+    (In float32 this hypergradient is ill-conditioned: the plain and the fused loss, each
+    exact, round differently and the What-network gradients then differ by ~10%, while two
+    implementations on the same loss agree to 1e-6.)
+    """
     results = {}
     for name, (step, backend) in IMPLEMENTATIONS.items():
-        engine, x, y = make_problem(backend)
+        engine, x, y = make_problem(backend, torch.float64)
         results[name] = step(engine, x, y)
     expected = results.pop("naive")
     for name, result in results.items():
         for key in expected:
-            scale = expected[key].abs().max().clamp_min(1e-12)
-            assert (result[key] - expected[key]).abs().max() / scale < 1e-3, (name, key)
+            scale = expected[key].abs().max().clamp_min(1e-30)
+            assert (result[key] - expected[key]).abs().max() / scale < 1e-9, (name, key)
 
 
 if __name__ == "__main__":

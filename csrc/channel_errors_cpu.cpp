@@ -100,11 +100,11 @@ struct Resampler {
   }
 };
 
-// Per-worker scratch: the resamplers of every pair and two rows of scratch.
+// Per-worker scratch: the resamplers of every pair and a source row's worth of scratch.
 template <typename scalar_t>
 struct Scratch {
   std::vector<Resampler<scalar_t>> resample;  // per pair
-  std::vector<scalar_t> row, between;
+  std::vector<scalar_t> between;
 };
 
 // Everything a kernel needs, prepared once per call.
@@ -137,16 +137,14 @@ int64_t tile_length(int64_t height, int64_t width) {
   return std::min(height, std::max<int64_t>(1, kTile / width)) * width;
 }
 
-// The largest block of any group, in elements, and the longest tile, in positions.
-std::pair<int64_t, int64_t> largest_block(const Prepared& prep) {
-  int64_t size = 0, longest = 0;
+// The largest block of any group, in elements.
+int64_t largest_block(const Prepared& prep) {
+  int64_t size = 0;
   for (const auto& group : prep.plan.groups) {
     const at::Tensor& t = prep.target[group.target];
-    const int64_t tile = tile_length(t.size(2), t.size(3));
-    size = std::max(size, group.rows * tile);
-    longest = std::max(longest, tile);
+    size = std::max(size, group.rows * tile_length(t.size(2), t.size(3)));
   }
-  return {size, longest};
+  return size;
 }
 
 // Visits every block (sample b, group g, positions [p0, p0 + len)) with D = S~ - W T - b
@@ -158,7 +156,7 @@ template <typename scalar_t, typename State, typename MakeState, typename Visit,
 void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, MakeState make_state,
                     Visit visit, Finish finish) {
   const auto& plan = prep.plan;
-  const auto [block_size, longest_tile] = largest_block(prep);
+  const int64_t block_size = largest_block(prep);
   int64_t widest_source = 0;
   for (const auto& s : prep.source) widest_source = std::max(widest_source, s.size(3));
   std::mutex merge;
@@ -168,7 +166,6 @@ void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, MakeState
     State state = make_state();
     at::Tensor buffer = at::empty({block_size}, prep.source[0].options());
     Scratch<scalar_t> scratch;
-    scratch.row.resize(longest_tile);
     scratch.between.resize(widest_source);
     for (size_t i = 0; i < pair_source.size(); ++i) {
       const at::Tensor& s = prep.source[pair_source[i]];
@@ -185,9 +182,9 @@ void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, MakeState
         for (int64_t p0 = 0; p0 < hw; p0 += tile) {
           const int64_t len = std::min(tile, hw - p0);
           at::Tensor d = buffer.narrow(0, 0, group.rows * len).view({group.rows, len});
-          at::mm_out(d, prep.weight_stack[g], t_b.narrow(1, p0, len));
+          // D = (S~ - b) - W T: the resized source minus the bias goes in first, and the
+          // product is subtracted in place by the GEMM (beta = 1), one pass less over D.
           scalar_t* d_data = d.data_ptr<scalar_t>();
-          scalar_t* resized = scratch.row.data();
           for (size_t k = 0; k < group.pairs.size(); ++k) {
             const int64_t i = group.pairs[k];
             const at::Tensor& s = prep.source[pair_source[i]];
@@ -195,13 +192,13 @@ void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, MakeState
             const scalar_t* s_b = s.data_ptr<scalar_t>() + b * cs * plane;
             for (int64_t c = 0; c < cs; ++c) {
               const int64_t r = group.row_offset[k] + c;
-              scratch.resample[i].sample(s_b + c * plane, p0, len, resized,
-                                         scratch.between.data());
               scalar_t* row = d_data + r * len;
+              scratch.resample[i].sample(s_b + c * plane, p0, len, row, scratch.between.data());
               const scalar_t bias_r = bias[r];
-              for (int64_t j = 0; j < len; ++j) row[j] = resized[j] - row[j] - bias_r;
+              for (int64_t j = 0; j < len; ++j) row[j] -= bias_r;
             }
           }
+          d.addmm_(prep.weight_stack[g], t_b.narrow(1, p0, len), 1, -1);
           visit(state, b, g, p0, len, d, scratch);
         }
       }
@@ -284,18 +281,27 @@ std::vector<at::Tensor> in_input_layout(std::vector<at::Tensor> grads, at::Tenso
   return grads;
 }
 
-// Scales the rows of a [rows, len] block by (2 / HW) * grad_errors[b, column(row)].
+// Scales the rows of a [rows, len] block by (2 / HW) * grad_errors[b, column(row)] and,
+// given `minus_row_sums` (the bias gradient, [rows]), subtracts each scaled row's sum from
+// it in the same pass.
 template <typename scalar_t>
 void scale_rows(scalar_t* block, const scalar_t* scaled_grad_b, const TargetGroup& group,
                 const PairPlan& plan, const Prepared& prep, at::IntArrayRef pair_source,
-                int64_t len) {
+                int64_t len, scalar_t* minus_row_sums) {
   for (size_t k = 0; k < group.pairs.size(); ++k) {
     const int64_t i = group.pairs[k];
     const int64_t cs = prep.source[pair_source[i]].size(1);
     for (int64_t c = 0; c < cs; ++c) {
+      const int64_t r = group.row_offset[k] + c;
       const scalar_t factor = scaled_grad_b[plan.column_offset[i] + c];
-      scalar_t* row = block + (group.row_offset[k] + c) * len;
-      for (int64_t j = 0; j < len; ++j) row[j] *= factor;
+      scalar_t* row = block + r * len;
+      scalar_t sum = 0;
+      _Pragma("omp simd reduction(+ : sum)")
+      for (int64_t j = 0; j < len; ++j) {
+        row[j] *= factor;
+        sum += row[j];
+      }
+      if (minus_row_sums) minus_row_sums[r] -= sum;
     }
   }
 }
@@ -334,20 +340,6 @@ std::vector<at::Tensor> target_grads(const Prepared& prep) {
     out.push_back(read ? at::empty_like(prep.target[n]) : at::zeros_like(prep.target[n]));
   }
   return out;
-}
-
-// sums[r] -= sum_j block[r, j]
-template <typename scalar_t>
-void subtract_row_sums(at::Tensor& sums, const at::Tensor& block) {
-  scalar_t* out = sums.data_ptr<scalar_t>();
-  const scalar_t* data = block.data_ptr<scalar_t>();
-  const int64_t rows = block.size(0), len = block.size(1);
-  for (int64_t r = 0; r < rows; ++r) {
-    scalar_t total = 0;
-    _Pragma("omp simd reduction(+ : total)")
-    for (int64_t j = 0; j < len; ++j) total += data[r * len + j];
-    out[r] -= total;
-  }
 }
 
 // (2 / HW) * grad_errors, per column: the factor that turns D into the gradient of the
@@ -399,7 +391,8 @@ GradLists channel_errors_backward_cpu(const at::Tensor& grad_errors, at::TensorL
             Scratch<scalar_t>& scratch) {
           const auto& group = prep.plan.groups[g];
           scalar_t* grad = d.data_ptr<scalar_t>();  // becomes G = scale * D in place
-          scale_rows(grad, sg + b * prep.plan.columns, group, prep.plan, prep, pair_source, len);
+          scale_rows(grad, sg + b * prep.plan.columns, group, prep.plan, prep, pair_source, len,
+                     want_b ? sums.bias[g].data_ptr<scalar_t>() : nullptr);
           if (want_s) spread_rows(grad_source, grad, b, group, pair_source, scratch, p0, len);
           const at::Tensor t_tile = sample_matrix(prep.target[group.target], b).narrow(1, p0, len);
           if (want_t) {
@@ -407,7 +400,6 @@ GradLists channel_errors_backward_cpu(const at::Tensor& grad_errors, at::TensorL
             at::addmm_out(out, out, prep.weight_stack[g].t(), d, 0, -1);
           }
           if (want_w) sums.weight[g].addmm_(d, t_tile.t(), 1, -1);
-          if (want_b) subtract_row_sums<scalar_t>(sums.bias[g], d);
         },
         [&](GroupSums& sums) { add_group_sums(total, sums); });
   });
@@ -469,7 +461,7 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
       GroupSums sums;
       at::Tensor tangent;  // U, [rows * tile]
     };
-    const int64_t block_size = largest_block(prep).first;
+    const int64_t block_size = largest_block(prep);
     for_each_block<scalar_t, Worker>(
         prep, pair_source,
         [&] {
@@ -526,8 +518,10 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
             }
           }
           const scalar_t* sg_b = sg + b * plan.columns;
-          scale_rows(u_data, sg_b, group, plan, prep, pair_source, len);
-          scale_rows(d_data, sg_b, group, plan, prep, pair_source, len);
+          scale_rows(u_data, sg_b, group, plan, prep, pair_source, len,
+                     want_b ? worker.sums.bias[g].data_ptr<scalar_t>() : nullptr);
+          scale_rows(d_data, sg_b, group, plan, prep, pair_source, len,
+                     static_cast<scalar_t*>(nullptr));
           if (want_s) spread_rows(grad_source, u_data, b, group, pair_source, scratch, p0, len);
           if (want_t) {
             at::Tensor out = sample_matrix(grad_target[n], b).narrow(1, p0, len);
@@ -538,7 +532,6 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
             worker.sums.weight[g].addmm_(u, t_tile.t(), 1, -1);
             if (vt_tile.defined()) worker.sums.weight[g].addmm_(d, vt_tile.t(), 1, -1);
           }
-          if (want_b) subtract_row_sums<scalar_t>(worker.sums.bias[g], u);
         },
         [&](Worker& worker) { add_group_sums(total, worker.sums); });
   });
