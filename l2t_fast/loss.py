@@ -26,6 +26,7 @@ def _segment_matrix(channels, like, mean):
 
 def _prepare(source_feats, target_feats, pairs, weight, bias, channel_weights, pair_weights,
              beta, reduction, backend):
+    """The checked inputs (zero biases where none are given) and the backend that takes them."""
     inputs = check_matching_inputs(source_feats, target_feats, pairs, weight, bias,
                                    channel_weights, pair_weights, beta, reduction)
     first = inputs.source[0]
