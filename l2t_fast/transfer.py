@@ -220,6 +220,9 @@ def _source_model(config, data, device, show):
     cache_dir = config["cache_dir"] or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "l2t_fast")
     path = os.path.join(cache_dir, f"source-{config['source_model'].replace(':', '-')}-{key}.pt")
+    # torch seeds itself at random in every process: without this, the source's initial
+    # weights, and so the cached network, would differ from one first run to the next
+    checkpoint.seed_everything(0)
     model = build_model(config["source_model"], data.num_source_classes)
     if os.path.exists(path):
         cached = checkpoint.load(path)
@@ -255,12 +258,12 @@ def _load_source(config, device):
 
 def _pretrain_source(model, config, data, show):
     """Plain supervised training on the source task (80%; the other 20% measure it), on the
-    CPU with seed 0, so that the cached network does not depend on where it was made."""
+    CPU; with the seeding in ``_source_model``, the cached network does not depend on where
+    or after what it was made."""
     from tqdm.auto import tqdm
 
     from l2t_fast.data import stratified_mask
 
-    checkpoint.seed_everything(0)
     generator = torch.Generator().manual_seed(0)
     held_out = stratified_mask(data.source_labels, 0.2, seed=0)
     images, labels = data.source_images[~held_out], data.source_labels[~held_out]

@@ -153,3 +153,21 @@ def test_bad_config_is_rejected(change, message):
 def test_default_config_is_complete_and_json():
     assert resolve_config({}) == DEFAULT_CONFIG
     assert json.loads(json.dumps(DEFAULT_CONFIG)) == DEFAULT_CONFIG
+
+
+def test_pretrained_source_does_not_depend_on_the_global_rng(tmp_path):
+    """Two first runs in different RNG states (torch seeds every process at random) cache
+    the same source network."""
+    from l2t_fast.data import load_data
+    from l2t_fast.transfer import _source_model
+
+    weights = []
+    for state in (1, 2):
+        config = resolve_config(tiny_config(tmp_path, cache_dir=str(tmp_path / f"cache{state}")))
+        data = load_data(config["data"], config["data_root"], config["image_size"])
+        torch.manual_seed(state)
+        model, info = _source_model(config, data, torch.device("cpu"), show=False)
+        assert not info["cached"]
+        weights.append(model.state_dict())
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
