@@ -58,8 +58,9 @@ def matmul_rate(device, dtype, size=4096):
     return 2 * size ** 3 / seconds
 
 
-def copy_bandwidth(device, megabytes=1024 if torch.cuda.is_available() else 256):
+def copy_bandwidth(device):
     """Bytes/s of a device-to-device copy (each byte read once and written once)."""
+    megabytes = 1024 if device.type == "cuda" else 256
     src = torch.empty(megabytes * 2 ** 20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     seconds = _time(lambda: dst.copy_(src), device, 20 if device.type == "cuda" else 5)

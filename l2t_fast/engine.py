@@ -268,14 +268,14 @@ class L2TWW:
                                             leaf_pair_weights)
             return torch.autograd.grad(loss, theta, create_graph=create_graph, allow_unused=True)
 
-        def pull_back(theta, buffers, adjoint_theta, adjoint_buffers):
-            """Adjoints of the meta outputs and of the step's start from those of its end;
-            the step's graph dies when this returns."""
+        def pull_back(theta, buffers, adjoint_theta, adjoint_buffers, to_start=True):
+            """Adjoints of the meta outputs (and, ``to_start``, of the step's start) from
+            those of its end; the step's graph dies when this returns."""
             theta, buffers = _leaves(theta), _leaves(buffers)
             grads = matching_gradients(theta, create_graph=True)
             new_theta, new_buffers = _sgd_lookahead(theta, buffers, grads, *hyper)
-            return _grad(new_theta + new_buffers, adjoint_theta + adjoint_buffers,
-                         meta_leaves + theta + buffers)
+            wanted = meta_leaves + (theta + buffers if to_start else [])
+            return _grad(new_theta + new_buffers, adjoint_theta + adjoint_buffers, wanted)
 
         def pull_back_to_meta(theta, adjoint_theta, adjoint_buffers):
             """Adjoints of the meta outputs alone from those of the step's end.
@@ -328,7 +328,7 @@ class L2TWW:
                               f"which is exact but slower", stacklevel=4)
                 self._forward_mode = False
         if not self._forward_mode:
-            grads = pull_back(*starts[0], adjoint_theta, adjoint_buffers)
+            grads = pull_back(*starts[0], adjoint_theta, adjoint_buffers, to_start=False)
         adjoint_meta = [_add(a, g) for a, g in zip(adjoint_meta, grads)]
 
         params = [p for _, p in self._meta_named]

@@ -222,15 +222,16 @@ def _source_model(config, data, device, show):
     cache_dir = config["cache_dir"] or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "l2t_fast")
     path = os.path.join(cache_dir, f"source-{config['source_model'].replace(':', '-')}-{key}.pt")
-    # torch seeds itself at random in every process: without this, the source's initial
-    # weights, and so the cached network, would differ from one first run to the next
-    checkpoint.seed_everything(0)
-    model = build_model(config["source_model"], data.num_source_classes)
     if os.path.exists(path):
+        model = build_model(config["source_model"], data.num_source_classes)
         cached = checkpoint.load(path)
         model.load_state_dict(cached["model"])
         info = {**cached["info"], "cached": True}
     else:
+        # torch seeds itself at random in every process: without this, the source's initial
+        # weights, and so the cached network, would differ from one first run to the next
+        checkpoint.seed_everything(0)
+        model = build_model(config["source_model"], data.num_source_classes)
         info = _pretrain_source(model, config, data, show)
         checkpoint.save_atomic({"model": model.state_dict(), "info": info}, path)
         info = {**info, "cached": False}
