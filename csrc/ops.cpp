@@ -1,6 +1,7 @@
 // The l2t_fast op library: schemas of the three channel-error ops (see
-// l2t_fast/backends/_registration.py for their math), and the Python module l2t_fast._C,
-// whose import loads them. Kernels register per device: channel_errors_cpu.cpp, cuda/.
+// l2t_fast/backends/_registration.py for their math) and of BatchNorm's double backward
+// (batch_norm_cpu.cpp, used by l2t_fast/batchnorm.py), and the Python module l2t_fast._C,
+// whose import loads them. Kernels register per device: *_cpu.cpp, cuda/.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -18,6 +19,11 @@ TORCH_LIBRARY(l2t_fast, m) {
       "Tensor[] source, Tensor[] target, Tensor[] weight, Tensor[] bias, int[] pair_source, "
       "int[] pair_target, bool[] output_mask) "
       "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])");
+  m.def(
+      "batch_norm_double_backward(Tensor input, Tensor weight, Tensor grad_out, Tensor mean, "
+      "Tensor invstd, Tensor grad_grad_input, Tensor grad_grad_weight, "
+      "Tensor grad_grad_bias) -> (Tensor grad_input, Tensor grad_weight, "
+      "Tensor grad_grad_out)");
 }
 
 #ifdef L2T_FAST_WITH_CUDA

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 from torch.func import functional_call
 
+from l2t_fast.batchnorm import fused_batch_norm
 from l2t_fast.features import FeatureHooks
 from l2t_fast.loss import (WeightedFeatureMatching, weighted_feature_matching,
                            weighted_feature_matching_jvp)
@@ -203,11 +204,13 @@ class L2TWW:
         return channel_weights, pair_weights
 
     def _run_target(self, theta, x, stop_early=False):
-        """Target forward with lookahead parameters ``theta``; BatchNorm gets buffer copies."""
+        """Target forward with lookahead parameters ``theta``; BatchNorm gets buffer copies
+        and, where it can, the fused double backward (``l2t_fast.batchnorm``)."""
         tensors = dict(zip(self._target_names, theta))
         tensors.update((n, b.clone()) for n, b in self.target_model.named_buffers())
-        return self._target_hooks.run(functional_call, self.target_model, tensors, (x,),
-                                      stop_early=stop_early)
+        with fused_batch_norm():
+            return self._target_hooks.run(functional_call, self.target_model, tensors, (x,),
+                                          stop_early=stop_early)
 
     def _feature_tangents(self, theta, directions, x):
         """Target features at ``theta`` and their derivatives along ``directions`` (None
