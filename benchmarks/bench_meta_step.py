@@ -13,7 +13,10 @@ seed:
 - ``naive-fused``: the same replay on our fused op, which isolates what the meta-step
   algorithm alone is worth.
 
-Time: ``pytest benchmarks/bench_meta_step.py --benchmark-only``.
+Time: ``pytest benchmarks/bench_meta_step.py --benchmark-only``, and
+``python benchmarks/bench_meta_step.py --paired 9``, which times the implementations in
+turn within each round, so that the drift of a shared host's speed (~10% within an hour
+on ours) hits all of a round alike, and prints every round's speed-up of ours.
 Peak memory: ``python benchmarks/bench_meta_step.py`` runs each implementation once in a
 fresh process and reports how far the peak resident set size rose above the resident size
 just before the call (the kernel's high-water mark VmHWM, reset right before the call by
@@ -26,8 +29,10 @@ than allocator caching. The pytest run records the same numbers in each benchmar
 """
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,9 +152,38 @@ def test_same_hypergradient():
             assert (result[key] - expected[key]).abs().max() / scale < 1e-9, (name, key)
 
 
+def paired_times(rounds):
+    """``{name: [seconds per round]}``: every round runs each implementation in turn, twice
+    in a row, and times the second call (the allocator warm from the same work, as in a
+    back-to-back benchmark)."""
+    problems = {name: make_problem(backend) for name, (_, backend) in IMPLEMENTATIONS.items()}
+    times = {name: [] for name in IMPLEMENTATIONS}
+    for _ in range(rounds):
+        for name, (step, _) in IMPLEMENTATIONS.items():
+            step(*problems[name])
+            start = time.perf_counter()
+            step(*problems[name])
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _print_paired(rounds):
+    times = paired_times(rounds)
+    ours = times["l2tww"]
+    for name, seconds in times.items():
+        line = f"{name}: median {statistics.median(seconds) * 1e3:.0f} ms"
+        if name != "l2tww":
+            ratios = sorted(t / o for t, o in zip(seconds, ours))
+            line += (f"; ours faster by {statistics.median(ratios):.2f}x (median of rounds), "
+                     f"{ratios[0]:.2f}-{ratios[-1]:.2f}x (every round)")
+        print(line)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--one"]:
         _measure_one(sys.argv[2])
+    elif sys.argv[1:2] == ["--paired"]:
+        _print_paired(int(sys.argv[2]))
     else:
         for implementation in IMPLEMENTATIONS:
             print(f"{implementation}: peak RSS growth {peak_memory_mib(implementation):.1f} MiB")
