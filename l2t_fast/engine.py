@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from l2t_fast.batchnorm import fused_batch_norm
 from l2t_fast.features import FeatureHooks
-from l2t_fast.loss import (WeightedFeatureMatching, weighted_feature_matching,
+from l2t_fast.loss import (WeightedFeatureMatching, weighted_feature_matching_grads,
                            weighted_feature_matching_jvp)
 from l2t_fast.meta import WhatNetwork, WhereNetwork
 
@@ -121,7 +121,7 @@ def _add(a, b):
     return b if a is None else a if b is None else a + b
 
 
-def _grad(outputs, adjoints, inputs):
+def _grad(outputs, adjoints, inputs, create_graph=False):
     """Vector-Jacobian product; a ``None`` adjoint, output or input stands for zero, and
     inputs that the outputs do not reach get ``None``."""
     live = [(o, a) for o, a in zip(outputs, adjoints)
@@ -131,7 +131,8 @@ def _grad(outputs, adjoints, inputs):
     if not live or not present:
         return result
     grads = torch.autograd.grad([o for o, _ in live], [inputs[i] for i in present],
-                                [a for _, a in live], allow_unused=True)
+                                [a for _, a in live], create_graph=create_graph,
+                                allow_unused=True)
     for i, g in zip(present, grads):
         result[i] = g
     return result
@@ -222,14 +223,19 @@ class L2TWW:
             unpacked = [forward_ad.unpack_dual(f) for f in feats]
         return [u.primal for u in unpacked], [u.tangent for u in unpacked]
 
-    def _lookahead_matching(self, theta, x, source_feats, channel_weights, pair_weights):
+    def _lookahead_matching_gradients(self, theta, x, source_feats, channel_weights,
+                                      pair_weights, create_graph):
+        """The matching loss's gradient at ``theta`` (None where it does not reach), by the
+        loss's backward alone: its value is never needed in a lookahead step."""
         _, target_feats = self._run_target(theta, x, stop_early=True)
         count = len(self._target_names)
         num_pairs = len(self.pairs)
         weight, bias = theta[count:count + num_pairs], theta[count + num_pairs:]
-        return weighted_feature_matching(source_feats, target_feats, self.pairs, weight, bias,
-                                         channel_weights, pair_weights, self.matching.beta,
-                                         backend=self.backend)
+        grad_feats, grad_weight, grad_bias = weighted_feature_matching_grads(
+            source_feats, target_feats, self.pairs, weight, bias, channel_weights, pair_weights,
+            self.matching.beta, create_graph=create_graph, backend=self.backend)
+        return (_grad(target_feats, grad_feats, theta[:count], create_graph=create_graph)
+                + grad_weight + grad_bias)
 
     def _lookahead_ce(self, theta, x, y):
         logits, _ = self._run_target(theta, x)
@@ -267,9 +273,9 @@ class L2TWW:
         count = len(self._target_names)
 
         def matching_gradients(theta, create_graph):
-            loss = self._lookahead_matching(theta, x, source_feats, leaf_channel_weights,
-                                            leaf_pair_weights)
-            return torch.autograd.grad(loss, theta, create_graph=create_graph, allow_unused=True)
+            return self._lookahead_matching_gradients(theta, x, source_feats,
+                                                      leaf_channel_weights, leaf_pair_weights,
+                                                      create_graph)
 
         def pull_back(theta, buffers, adjoint_theta, adjoint_buffers, to_start=True):
             """Adjoints of the meta outputs (and, ``to_start``, of the step's start) from

@@ -12,6 +12,7 @@ from torch import nn
 
 from l2t_fast import backends
 from l2t_fast._inputs import check_matching_inputs, check_tangents
+from l2t_fast.backends._registration import errors_dtype
 
 
 def _segment_matrix(channels, like, mean):
@@ -88,6 +89,33 @@ def weighted_feature_matching_jvp(source_feats, target_feats, pairs, weight, bia
         inputs.source, inputs.target, inputs.weight, inputs.bias, inputs.pair_source,
         inputs.pair_target, target_tangents, weight_tangents, bias_tangents)
     return _weigh(errors_tangent, inputs, reduction)
+
+
+def weighted_feature_matching_grads(source_feats, target_feats, pairs, weight, bias=None,
+                                    channel_weights=None, pair_weights=None, beta=0.5,
+                                    create_graph=False, backend="auto"):
+    """The loss's gradients in ``target_feats``, ``weight`` and ``bias`` (three lists),
+    without its value.
+
+    The loss is linear in the channel errors, so its gradient in them comes from the
+    channel and pair weights alone, and the backend's backward runs without its forward:
+    a training step that needs only the gradient (as every lookahead step of the meta step
+    does) skips one pass of the op. With ``create_graph`` the gradients are differentiable
+    (in the features, regressors and weights), as ``torch.autograd.grad`` would give them.
+    """
+    inputs, chosen = _prepare(source_feats, target_feats, pairs, weight, bias, channel_weights,
+                              pair_weights, beta, "mean", backend)
+    first = inputs.source[0]
+    with torch.enable_grad():
+        errors = torch.zeros(first.shape[0], sum(inputs.source_channels),
+                             dtype=errors_dtype(first.dtype), device=first.device,
+                             requires_grad=True)
+        grad_errors, = torch.autograd.grad(_weigh(errors, inputs, "mean"), errors,
+                                           create_graph=create_graph)
+    with torch.set_grad_enabled(create_graph):
+        return chosen.channel_errors_vjp(grad_errors, inputs.source, inputs.target,
+                                         inputs.weight, inputs.bias, inputs.pair_source,
+                                         inputs.pair_target)
 
 
 class WeightedFeatureMatching(nn.Module):

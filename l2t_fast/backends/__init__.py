@@ -44,6 +44,13 @@ class Backend:
         tangent_weight, tangent_bias) -> dE``: the errors' derivative along the tangents."""
         return self._module().channel_errors_jvp
 
+    @property
+    def channel_errors_vjp(self):
+        """``(grad_errors, source, target, weight, bias, pair_source, pair_target) ->
+        (grad_target[], grad_weight[], grad_bias[])`` without computing the errors;
+        differentiable when grad mode is on."""
+        return self._module().channel_errors_vjp
+
     def _module(self):
         # Imported by the availability check already; sys.modules keeps torch.compile's
         # tracing away from the import machinery.

@@ -87,6 +87,19 @@ def errors_tangent(ops, source, target, weight, bias, pair_source, pair_target,
         target, weight, bias, pair_source, pair_target, [False] * 4)[0]
 
 
+def errors_vjp(ops, grad_errors, source, target, weight, bias, pair_source, pair_target):
+    """Gradients of ``<grad_errors, E>`` in target, weight and bias, by the backward op alone.
+
+    For a caller that knows ``grad_errors`` without ``E`` (the loss is linear in the
+    errors), the forward would only be thrown away. Differentiable through the backward
+    op's autograd (the double backward) when grad mode is on.
+    """
+    _, grad_target, grad_weight, grad_bias = ops.channel_errors_backward(
+        grad_errors.contiguous(), source, target, weight, bias, pair_source, pair_target,
+        [False, True, True, True])
+    return list(grad_target), list(grad_weight), list(grad_bias)
+
+
 def register(namespace):
     """Register fake kernels and autograd for ``{namespace}::channel_errors*``."""
     ops = getattr(torch.ops, namespace)

@@ -42,3 +42,8 @@ def channel_errors_jvp(source, target, weight, bias, pair_source, pair_target, t
     return _registration.errors_tangent(torch.ops.l2t_fast, source, target, weight, bias,
                                         pair_source, pair_target, tangent_target,
                                         tangent_weight, tangent_bias)
+
+
+def channel_errors_vjp(grad_errors, source, target, weight, bias, pair_source, pair_target):
+    return _registration.errors_vjp(torch.ops.l2t_fast, grad_errors, source, target, weight,
+                                    bias, pair_source, pair_target)

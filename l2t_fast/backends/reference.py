@@ -37,3 +37,25 @@ def channel_errors_jvp(source, target, weight, bias, pair_source, pair_target, t
                                 pair_source, pair_target)
         tangent = forward_ad.unpack_dual(errors).tangent
     return torch.zeros_like(errors) if tangent is None else tangent
+
+
+def channel_errors_vjp(grad_errors, source, target, weight, bias, pair_source, pair_target):
+    """Gradients of ``<grad_errors, E>`` in target, weight and bias, by autograd through
+    ``channel_errors``; differentiable when grad mode is on.
+
+    Autograd differentiates in aliases of the inputs: target maps may be computed from one
+    another (stages of one network), and differentiating in the maps themselves would run,
+    and free, the network's graph between them.
+    """
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        inputs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
+                  for t in (*target, *weight, *bias)]
+        errors = channel_errors(source, inputs[:len(target)],
+                                inputs[len(target):len(target) + len(weight)],
+                                inputs[len(target) + len(weight):], pair_source, pair_target)
+        grads = torch.autograd.grad(errors, inputs, grad_errors, create_graph=create_graph,
+                                    allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    return (grads[:len(target)], grads[len(target):len(target) + len(weight)],
+            grads[len(target) + len(weight):])

@@ -23,3 +23,8 @@ def channel_errors_jvp(source, target, weight, bias, pair_source, pair_target, t
     return _registration.errors_tangent(torch.ops.l2t_fast_triton, source, target, weight,
                                         bias, pair_source, pair_target, tangent_target,
                                         tangent_weight, tangent_bias)
+
+
+def channel_errors_vjp(grad_errors, source, target, weight, bias, pair_source, pair_target):
+    return _registration.errors_vjp(torch.ops.l2t_fast_triton, grad_errors, source, target,
+                                    weight, bias, pair_source, pair_target)
