@@ -41,7 +41,7 @@ torch.version.cuda, 'triton', triton.__version__)" | tee "$OUT/versions.txt"
       step tests 420 env L2T_FAST_REQUIRE_CUDA=1 L2T_FAST_REQUIRE_EXTENSION=1 \
         "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_backend_cuda.py \
         tests/test_backend_triton.py tests/test_loss_jvp.py tests/test_loss.py \
-        tests/test_engine.py ;;
+        tests/test_engine.py tests/test_loss_grads.py tests/test_batchnorm.py ;;
     sanitizer)
       step sanitizer 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
         "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_backend_cuda.py -k sanitizer ;;

@@ -110,3 +110,15 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.l2t_fast.batch_norm_double_backward,
                           (x, weight, grad_out, mean, invstd, grad_grad_input,
                            grad_grad_weight, grad_grad_bias))
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_go_to_pytorchs_batch_norm():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x = torch.randn(4, 3, 5, 5, device="cuda", requires_grad=True)
+    weight = torch.randn(3, device="cuda", requires_grad=True)
+    with fused_batch_norm():
+        y = F.batch_norm(x, None, None, weight, training=True)
+    assert not type(y.grad_fn).__name__.startswith("_TrainBatchNorm")
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, weight, training=True))

@@ -70,3 +70,33 @@ def test_bad_inputs_are_named_before_any_kernel():
     problem["weight"] = [torch.zeros(3, 5, dtype=torch.float64)]
     with pytest.raises(ValueError, match=r"weight\[0\]"):
         weighted_feature_matching_grads(**problem, backend="reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_backends_match_the_spec(backend, dtype):
+    """On CUDA tensors: the gradients without the value, and their derivative in the
+    channel weights, against the spec's float64 autograd."""
+    if backend not in l2t_fast.available_backends() or not torch.cuda.is_available():
+        pytest.skip(f"needs a CUDA device and the {backend} backend")
+    problem = random_problem([(4, 8, 7, 7), (4, 16, 4, 4)], [(4, 6, 14, 14), (4, 12, 7, 7)],
+                             [(0, 0), (0, 1), (1, 0), (1, 1)],
+                             generator=torch.Generator().manual_seed(3))
+    wrt = [t for key in KEYS for t in problem[key]]
+    expected = torch.autograd.grad(spec_loss(**as_spec_args(problem)), wrt, create_graph=True)
+    on_gpu = {key: ([t.detach().to("cuda", dtype).requires_grad_() for t in value]
+                    if isinstance(value, list) and torch.is_tensor(value[0]) else value)
+              for key, value in problem.items()}
+    grads = weighted_feature_matching_grads(**on_gpu, create_graph=True, backend=backend)
+    ours = [g for group in grads for g in group]
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-4
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a.double().cpu(), b.detach(), rtol=tolerance,
+                                   atol=tolerance)
+    # one second-order term: d<grads, 1>/d(channel weights)
+    second = torch.autograd.grad(sum(g.sum() for g in ours), on_gpu["channel_weights"])
+    expected_second = torch.autograd.grad(sum(g.sum() for g in expected),
+                                          problem["channel_weights"])
+    for a, b in zip(second, expected_second):
+        torch.testing.assert_close(a.double().cpu(), b, rtol=tolerance, atol=tolerance)
