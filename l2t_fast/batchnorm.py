@@ -31,6 +31,9 @@ def _native_backward(grad_output, input, weight, mean, invstd, eps):
 
 
 class _TrainBatchNorm(torch.autograd.Function):
+    """Train-mode BatchNorm; a backward taken with ``create_graph`` is a
+    ``_TrainBatchNormBackward``, whose own derivative is the fused kernel."""
+
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps):
         output, mean, invstd = torch.native_batch_norm(input, weight, bias, running_mean,

@@ -11,7 +11,9 @@ alive, like the paper's code; but nothing is deep-copied or restored, the source
 and meta-networks run once per iteration, matching steps stop after the last hooked layer,
 the CE step is not recomputed, and the first step, which needs no adjoint of its start,
 costs one forward-mode pass instead of a backward and a double backward: T Hessian-vector
-products in all, where the replay does T + 1.
+products in all, where the replay does T + 1. A matching step's gradient comes from the
+loss's backward alone (its value is never needed), and BatchNorm's double backward runs as
+one fused kernel (``l2t_fast.batchnorm``).
 
 Lookahead forwards run the target in train mode, with batch statistics in BatchNorm, as
 the paper's code does; they get copies of the target's buffers, so running statistics of

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(compiled.load_problem() is not None,
                                 reason="compiled extension not built")
 
 
-def double_backward(shape, dtype, fused, affine=True, seed=0):
+def double_backward(shape, dtype, fused, affine=True, seed=0, channels_last=False):
     """Output, running statistics, first derivatives and the double backward along random
     adjoints, of train-mode F.batch_norm with or without the fused context."""
     generator = torch.Generator().manual_seed(seed)
@@ -25,7 +25,10 @@ def double_backward(shape, dtype, fused, affine=True, seed=0):
         return torch.randn(*size, generator=generator, dtype=dtype)
 
     channels = shape[1]
-    x = (randn(*shape) * 3 + 1).requires_grad_()
+    x = randn(*shape) * 3 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
     weight = randn(channels).requires_grad_() if affine else None
     bias = randn(channels).requires_grad_() if affine else None
     running_mean, running_var = randn(channels), randn(channels).exp()
@@ -55,9 +58,10 @@ def test_same_as_pytorch_in_float64(shape, affine, seed):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
-def test_same_as_pytorch_in_float32_on_a_real_map():
-    expected = double_backward((8, 16, 12, 12), torch.float32, fused=False)
-    actual = double_backward((8, 16, 12, 12), torch.float32, fused=True)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_same_as_pytorch_in_float32_on_a_real_map(channels_last):
+    expected = double_backward((8, 16, 12, 12), torch.float32, False, channels_last=channels_last)
+    actual = double_backward((8, 16, 12, 12), torch.float32, True, channels_last=channels_last)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
