@@ -179,14 +179,17 @@ int64_t largest_block(const Prepared& prep) {
   return size;
 }
 
-// Values of `Resampler::resize_columns` that one group's pairs need for one sample.
+// Values of `Resampler::resize_columns` that one group's pairs need for one sample: the
+// same `columns_first()` rule as the kernels use to choose between the two samplings.
+template <typename scalar_t>
 int64_t column_scratch_size(const Prepared& prep, const TargetGroup& group,
-                            at::IntArrayRef pair_source) {
+                            at::IntArrayRef pair_source,
+                            const std::vector<Resampler<scalar_t>>& resample) {
   const at::Tensor& t = prep.target[group.target];
   int64_t size = 0;
   for (const int64_t i : group.pairs) {
     const at::Tensor& s = prep.source[pair_source[i]];
-    if (s.size(2) < t.size(2)) size += s.size(1) * s.size(2) * t.size(3);
+    if (resample[i].columns_first()) size += s.size(1) * s.size(2) * t.size(3);
   }
   return size;
 }
@@ -211,17 +214,18 @@ void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, MakeState
     at::Tensor buffer = at::empty({block_size}, prep.source[0].options());
     Scratch<scalar_t> scratch;
     scratch.between.resize(widest_source);
-    int64_t column_size = 0;
-    for (const auto& group : plan.groups) {
-      column_size = std::max(column_size, column_scratch_size(prep, group, pair_source));
-    }
-    scratch.columns.resize(column_size);
-    std::vector<const scalar_t*> columns_of(pair_source.size());  // per pair; null: `sample`
     for (size_t i = 0; i < pair_source.size(); ++i) {
       const at::Tensor& s = prep.source[pair_source[i]];
       scratch.resample.emplace_back(prep.resize[i].first, prep.resize[i].second, s.size(2),
                                     s.size(3));
     }
+    int64_t column_size = 0;
+    for (const auto& group : plan.groups) {
+      column_size = std::max(column_size,
+                             column_scratch_size(prep, group, pair_source, scratch.resample));
+    }
+    scratch.columns.resize(column_size);
+    std::vector<const scalar_t*> columns_of(pair_source.size());  // per pair; null: `sample`
     for (int64_t b = begin; b < end; ++b) {
       for (size_t g = 0; g < plan.groups.size(); ++g) {
         const auto& group = plan.groups[g];

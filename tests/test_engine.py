@@ -155,8 +155,9 @@ def test_l2t_w_hypergradient_equals_independent_unroll(inner_steps, steps_before
 
 @pytest.mark.parametrize("inner_steps", [1, 3])
 def test_meta_step_does_t_hessian_vector_products(monkeypatch, inner_steps):
-    """The CE step and matching steps 2..T are differentiated twice; the first matching
-    step goes by one forward-mode pass (the replay of the paper's code does T + 1)."""
+    """Matching steps 2..T (and the CE step) are differentiated twice; the first matching
+    step goes by one forward-mode pass (the replay of the paper's code does T + 1): counted
+    as the matching gradients taken with and without a graph."""
     engine, x, y = make_engine(inner_steps=inner_steps)
     create_graph = []  # one entry per matching-gradient computation
     real = engine._lookahead_matching_gradients
