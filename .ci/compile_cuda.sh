@@ -14,8 +14,10 @@ mapfile -t TORCH_INCLUDES < <("$PYTHON" -c \
   "import torch.utils.cpp_extension as c; print('\n'.join(c.include_paths()))")
 PY_INCLUDE="$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['include'])")"
 CXX11_ABI="$("$PYTHON" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")"
+# the standard the installed torch's headers require, as setup.py chooses it
+STD="$("$PYTHON" -c "import runpy; print(runpy.run_path('setup.py', run_name='build_tools')['cxx_standard']())")"
 
-FLAGS=(-c -std=c++17 -O3 -Xcompiler -fPIC
+FLAGS=(-c "-std=${STD}" -O3 -Xcompiler -fPIC
        "-gencode=arch=compute_${ARCH},code=sm_${ARCH}"
        --expt-relaxed-constexpr -Werror all-warnings
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import l2t_fast
-from l2t_fast.backends import reference as reference_backend
+from l2t_fast.matching.backends import reference as reference_backend
 from memory import peak_memory_growth
 
 # name: (device, dtype, batch, source (C, H), target (C, H), pairs = all)

@@ -43,7 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive_meta_step import naive_hypergradient  # noqa: E402
 
-from l2t_fast.engine import L2TWW  # noqa: E402
+from l2t_fast.methods.l2tww.engine import L2TWW  # noqa: E402
 from l2t_fast.models import BasicBlock  # noqa: E402
 
 BATCH, SIZE, WIDTHS, CLASSES = 32, 32, (16, 32, 64, 128), 10

@@ -1,6 +1,6 @@
 // CPU kernel of batch_norm_double_backward: the derivative of train-mode BatchNorm's
 // backward, which every Hessian-vector product of the meta step runs through
-// (l2t_fast/batchnorm.py says where it is used). PyTorch writes it as a composite of some
+// (l2t_fast/methods/l2tww/batchnorm.py says where it is used). PyTorch writes it as a composite of some
 // twenty elementwise ops over the whole map; here it is two passes per channel: one that
 // reduces five sums, one that writes both outputs.
 //

@@ -1,4 +1,4 @@
-// CPU kernels of the three channel-error ops (math: l2t_fast/backends/_registration.py).
+// CPU kernels of the three channel-error ops (math: l2t_fast/matching/backends/registration.py).
 //
 // Work is split per sample (parallel over the batch) and per target layer: the regressors
 // of every pair that reads target layer n are stacked into one [rows, Ct] matrix, so a

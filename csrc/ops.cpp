@@ -1,6 +1,6 @@
 // The l2t_fast op library: schemas of the three channel-error ops (see
-// l2t_fast/backends/_registration.py for their math) and of BatchNorm's double backward
-// (batch_norm_cpu.cpp, used by l2t_fast/batchnorm.py), and the Python module l2t_fast._C,
+// l2t_fast/matching/backends/registration.py for their math) and of BatchNorm's double backward
+// (batch_norm_cpu.cpp, used by l2t_fast/methods/l2tww/batchnorm.py), and the Python module l2t_fast._C,
 // whose import loads them. Kernels register per device: *_cpu.cpp, cuda/.
 #include <Python.h>
 #include <torch/library.h>

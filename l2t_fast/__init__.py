@@ -8,19 +8,22 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "weighted_feature_matching": "l2t_fast.loss",
-    "WeightedFeatureMatching": "l2t_fast.loss",
-    "available_backends": "l2t_fast.backends",
-    "WhatNetwork": "l2t_fast.meta",
-    "WhereNetwork": "l2t_fast.meta",
-    "L2TWW": "l2t_fast.engine",
-    "FeatureHooks": "l2t_fast.features",
-    "suggest_layers": "l2t_fast.features",
-    "run_transfer": "l2t_fast.transfer",
-    "DEFAULT_CONFIG": "l2t_fast.transfer",
-    "build_method": "l2t_fast.methods",
+    "weighted_feature_matching": "l2t_fast.matching",
+    "WeightedFeatureMatching": "l2t_fast.matching",
+    "available_backends": "l2t_fast.matching",
+    "WhatNetwork": "l2t_fast.methods.l2tww.meta",
+    "WhereNetwork": "l2t_fast.methods.l2tww.meta",
+    "L2TWW": "l2t_fast.methods.l2tww.engine",
+    "FeatureHooks": "l2t_fast.models.hooks",
+    "suggest_layers": "l2t_fast.models.layers",
     "build_model": "l2t_fast.models",
-    "run_sweep": "l2t_fast.sweep",
+    "build_method": "l2t_fast.methods",
+    "Batch": "l2t_fast.methods.base",
+    "Setup": "l2t_fast.methods.base",
+    "evaluate": "l2t_fast.methods.base",
+    "run_transfer": "l2t_fast.jobs.transfer",
+    "resolve_config": "l2t_fast.jobs.transfer",
+    "run_sweep": "l2t_fast.jobs.sweep",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""An independent float64 statement of SPEC.md section 1, for the tests only.
+"""An independent float64 statement of docs/SPEC.md section 1, for the tests only.
 
 Written from the spec, loop by loop, without l2t_fast's code: the backends are checked
 against this, not against each other.

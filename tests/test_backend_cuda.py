@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import l2t_fast
-from l2t_fast.backends import compiled, resolve
+from l2t_fast.matching.backends import compiled, resolve
 from matching_reference import as_spec_args, random_problem, spec_loss
 
 CUDA_READY = torch.cuda.is_available() and compiled.has_cuda_kernels()
@@ -51,7 +51,7 @@ def full_precision_float32_matmul():
 
 
 def reference_errors(source, target, weight, bias, pair_source, pair_target):
-    """E[b, off_i + c] = mean_hw (S~ - W_i T - b_i)^2 in float64, written from SPEC.md."""
+    """E[b, off_i + c] = mean_hw (S~ - W_i T - b_i)^2 in float64, written from docs/SPEC.md."""
     columns = []
     for w, b, m, n in zip(weight, bias, pair_source, pair_target):
         s, t = source[m].double(), target[n].double()

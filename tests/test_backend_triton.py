@@ -1,4 +1,4 @@
-"""The Triton backend against the float64 statement of SPEC.md section 1 in the tests.
+"""The Triton backend against the float64 statement of docs/SPEC.md section 1 in the tests.
 
 Without CUDA the kernels run under the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), which executes every program in Python: shapes stay tiny. Tests
@@ -12,7 +12,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import l2t_fast
-from l2t_fast import backends
+from l2t_fast.matching import backends
 from matching_reference import spec_loss
 
 pytestmark = pytest.mark.skipif("triton" not in backends.available_backends(),
@@ -197,7 +197,7 @@ def test_random_shapes_match_the_spec(batch, source_shapes, target_shapes, seed,
 
 def count_launches(monkeypatch):
     """Counts the kernel launches of l2t_fast's Triton ops."""
-    from l2t_fast.backends.triton import ops
+    from l2t_fast.matching.backends.triton import ops
     launches = []
     real_wrap = ops.wrap_triton
 

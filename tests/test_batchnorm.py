@@ -1,4 +1,4 @@
-"""The fused train-mode BatchNorm (l2t_fast.batchnorm) against PyTorch's own: values,
+"""The fused train-mode BatchNorm (l2t_fast.methods.l2tww.batchnorm) against PyTorch's own: values,
 running statistics, first derivatives and the double backward that the meta step runs."""
 from contextlib import nullcontext
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.autograd import forward_ad
 
-from l2t_fast.backends import compiled
-from l2t_fast.batchnorm import fused_batch_norm
+from l2t_fast.matching.backends import compiled
+from l2t_fast.methods.l2tww.batchnorm import fused_batch_norm
 
 pytestmark = pytest.mark.skipif(compiled.load_problem() is not None,
                                 reason="compiled extension not built")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from l2t_fast.cli import build_parser, main
-from l2t_fast.transfer import DEFAULT_CONFIG
+from l2t_fast.jobs import options
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,13 +21,13 @@ def test_help_lists_the_commands_and_every_transfer_option(capsys):
     with pytest.raises(SystemExit):
         main(["transfer", "--help"])
     text = capsys.readouterr().out
-    for key in list(DEFAULT_CONFIG) + ["output_dir", "checkpoint_dir", "resume", "quiet"]:
+    for key in list(options.table()) + ["output_dir", "checkpoint_dir", "resume", "quiet"]:
         assert "--" + key.replace("_", "-") in text
 
 
 def test_no_arguments_means_the_default_config():
     args = build_parser().parse_args(["transfer"])
-    assert {key: getattr(args, key) for key in DEFAULT_CONFIG} == DEFAULT_CONFIG
+    assert options.from_arguments(args) == {}
 
 
 def test_options_are_parsed_into_the_config():
@@ -42,9 +42,15 @@ def test_options_are_parsed_into_the_config():
 @pytest.mark.parametrize("argv, message", [
     (["transfer", "--methods", "magic"], "unknown method 'magic'"),
     (["transfer", "--pairs", "0-1"], "SOURCE:TARGET"),
-    (["transfer", "--epochs", "two"], "invalid int value"),
-    (["transfer", "--epochs", "0"], "epochs must be an int >= 1"),
-    (["transfer", "--pairs", "all", "0:0"], "'all' cannot be combined"),
+    (["transfer", "--epochs", "two"], "'two' is not an int"),
+    (["transfer", "--epochs", "0"], "'0' is not an int >= 1"),
+    (["transfer", "--lr", "inf"], "'inf' is not a finite number > 0"),
+    (["transfer", "--beta", "inf"], "'inf' is not a finite number > 0"),
+    (["transfer", "--weight-decay", "nan"], "'nan' is not a finite number >= 0"),
+    (["transfer", "--momentum", "1"], "'1' is not a finite number >= 0 and < 1"),
+    (["transfer", "--seeds", "0", "0"], "seeds must be one or more (no repeats)"),
+    (["transfer", "--methods", "fm", "fm"], "lists 'fm' twice"),
+    (["transfer", "--pairs", "all", "0:0"], "pairs must be 'all' or"),
     (["transfer", "--source-checkpoint", "/no/such/file.pt"], "is not a file"),
     (["transfer", "--resume"], "needs a checkpoint_dir"),
     (["transfer", "--device", "cuda:7"] if not torch.cuda.is_available()

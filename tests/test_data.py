@@ -5,8 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l2t_fast.data import (batches, labelled_subset, load_data, load_digits,
-                           load_image_folder, random_shift)
+from l2t_fast.data import batches, labelled_subset, load_data, random_shift
+from l2t_fast.data.digits import load_digits
+from l2t_fast.data.folders import load_image_folder
 
 
 def test_digits_split_into_source_and_few_label_target():

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2t_fast.engine import L2TWW
-from l2t_fast.meta import WHERE_ACTIVATIONS
+from l2t_fast.methods.l2tww.engine import L2TWW
+from l2t_fast.methods.l2tww.meta import WHERE_ACTIVATIONS
 
 LAYERS = ["layer1", "layer2"]
 CLASSES = 3

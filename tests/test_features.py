@@ -3,7 +3,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from l2t_fast.features import FeatureHooks, suggest_layers
+from l2t_fast.models.hooks import FeatureHooks
+from l2t_fast.models.layers import suggest_layers
 
 
 class ResNetLike(nn.Module):

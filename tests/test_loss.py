@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import l2t_fast
-from l2t_fast.backends import BackendUnavailable
+from l2t_fast.matching.backends import BackendUnavailable
 from matching_reference import as_spec_args, problems, random_problem, spec_loss
 
 CPU_BACKENDS = [b for b in ("reference", "cpu") if b in l2t_fast.available_backends()]
@@ -227,7 +227,7 @@ def test_module_owns_regressors_in_pair_order():
 
 
 def test_auto_picks_the_compiled_backend_for_cpu_floats():
-    from l2t_fast.backends import resolve
+    from l2t_fast.matching.backends import resolve
     expected = "cpu" if "cpu" in CPU_BACKENDS else "reference"
     assert resolve("auto", torch.device("cpu"), torch.float32).name == expected
     assert resolve("auto", torch.device("cpu"), torch.bfloat16).name == "reference"

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 
 import l2t_fast
-from l2t_fast.loss import weighted_feature_matching_grads
+from l2t_fast.matching.loss import weighted_feature_matching_grads
 from matching_reference import as_spec_args, problems, random_problem, spec_loss
 
 BACKENDS = [b for b in ("reference", "cpu", "triton") if b in l2t_fast.available_backends()]

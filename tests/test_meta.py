@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from l2t_fast.meta import WHERE_ACTIVATIONS, WhatNetwork, WhereNetwork
+from l2t_fast.methods.l2tww.meta import WHERE_ACTIVATIONS, WhatNetwork, WhereNetwork
 
 CHANNELS = [3, 5]
 PAIRS = [(0, 0), (1, 0), (1, 1)]

@@ -6,10 +6,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l2t_fast.loss import weighted_feature_matching
-from l2t_fast.methods import (METHODS, attention_map, build_method, evaluate,
-                              resolve_pairs)
+from l2t_fast.matching.loss import weighted_feature_matching
+from l2t_fast.methods import build_method, registry
+from l2t_fast.methods.base import Batch, Setup, evaluate, resolve_pairs
+from l2t_fast.methods.distillation import attention_map
 from l2t_fast.models import build_model, head_name, stage_names
+
+METHODS = list(registry())
 
 LAYERS = ["layer1", "layer2", "layer3"]
 
@@ -18,61 +21,65 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_setup(seed=0):
+    """A 4-class source, a 3-class target, and a batch with every extra a method may need."""
     torch.manual_seed(seed)
     source = build_model("resnet8", 4).eval()
     target = build_model("resnet8", 3)
     x = torch.randn(12, 3, 8, 8)
     y = torch.arange(12) % 3
-    return source, target, x, y
+    batch = Batch(x, y, unlabelled=torch.randn(12, 3, 8, 8), source_x=torch.randn(12, 3, 8, 8),
+                  source_y=torch.arange(12) % 4)
+    return source, target, batch
 
 
 def make(name, **options):
-    source, target, x, y = tiny_setup()
-    method = build_method(name, source_model=source, target_model=target, num_classes=3,
-                          source_layers=LAYERS, target_layers=LAYERS, example_input=x[:2],
-                          backend="reference", **options)
-    return method, source, x, y
+    source, target, batch = tiny_setup()
+    setup = Setup(source, target, 3, LAYERS, LAYERS, batch.x[:2], num_source_classes=4)
+    taken = {option.name for option in registry()[name].options}
+    if "backend" in taken:
+        options.setdefault("backend", "reference")
+    return build_method(name, setup, **options), source, batch
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_lowers_its_loss_and_is_evaluated(name):
-    method, _, x, y = make(name, lr=0.05)
-    losses = [method.train_step(x, y) for _ in range(8)]
+    method, _, batch = make(name, lr=0.05)
+    losses = [method.train_step(batch) for _ in range(8)]
     assert {"loss", "ce"} <= set(losses[0])
     assert losses[-1]["loss"] < losses[0]["loss"]
-    assert method.model(x).shape == (12, 3)
-    accuracy = evaluate(method.model, x, y)
+    assert method.model(batch.x).shape == (12, 3)
+    accuracy = evaluate(method.model, batch.x, batch.y)
     assert 0.0 <= accuracy <= 1.0
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_state_dict_round_trip_continues_identically(name):
-    method, _, x, y = make(name)
-    method.train_step(x, y)
+    method, _, batch = make(name)
+    method.train_step(batch)
     saved = copy.deepcopy(method.state_dict())
-    first = method.train_step(x, y)
-    twin, _, _, _ = make(name)
+    first = method.train_step(batch)
+    twin, _, _ = make(name)
     twin.load_state_dict(saved)
-    assert twin.train_step(x, y) == first
+    assert twin.train_step(batch) == first
 
 
 def test_source_model_is_left_untouched():
     for name in METHODS:
-        method, source, x, y = make(name)
+        method, source, batch = make(name)
         before = copy.deepcopy(source.state_dict())
-        method.train_step(x, y)
+        method.train_step(batch)
         for key, value in source.state_dict().items():
             assert torch.equal(value, before[key]), (name, key)
 
 
 def test_finetune_starts_from_the_source_and_freezes_stages():
-    method, source, x, y = make("finetune", freeze_stages=2)
+    method, source, batch = make("finetune", freeze_stages=2)
     model = method.model
     frozen = stage_names(model)[:2]
     assert frozen == ["stem", "layer1"]
     assert torch.equal(model.layer2[0].conv1.weight, source.layer2[0].conv1.weight)
     before = copy.deepcopy(model.state_dict())
-    method.train_step(x, y)
+    method.train_step(batch)
     after = model.state_dict()
     for key in before:
         if key.startswith(tuple(frozen)):
@@ -88,23 +95,23 @@ def test_finetune_rejects_too_many_frozen_stages():
 
 
 def test_lwf_keeps_a_trainable_copy_of_the_source_head():
-    method, source, x, y = make("lwf")
+    method, source, batch = make("lwf")
     head = method.old_head
     assert torch.equal(head.weight, source.fc.weight)
-    losses = method.train_step(x, y)
+    losses = method.train_step(batch)
     assert losses["distill"] >= 0
     assert not torch.equal(head.weight, source.fc.weight)
     assert head_name(method.model) == "fc" and method.model.fc.out_features == 3
 
 
 def test_fm_equals_the_unweighted_matching_loss():
-    method, source, x, y = make("fm")
+    method, source, batch = make("fm")
     with torch.no_grad():
-        _, source_feats, target_feats = method.features(x)
+        _, source_feats, target_feats = method.features(batch.x)
         expected = weighted_feature_matching(
             source_feats, target_feats, method.pairs, list(method.matching.weight),
             list(method.matching.bias), beta=0.5, backend="reference")
-        assert torch.allclose(method.losses(x, y)["matching"], expected)
+        assert torch.allclose(method.losses(batch)["matching"], expected)
     assert len(method.pairs) == 9
 
 
@@ -143,9 +150,15 @@ def test_resolve_pairs():
         resolve_pairs("diagonal", 2, 2)
 
 
-def test_unknown_method_is_rejected():
+def test_unknown_method_and_options_are_rejected():
+    source, target, batch = tiny_setup()
+    setup = Setup(source, target, 3, LAYERS, LAYERS, batch.x[:2])
     with pytest.raises(ValueError, match="unknown method 'distill'"):
-        make("distill")
+        build_method("distill", setup)
+    with pytest.raises(ValueError, match=r"takes no options \['beta'\]"):
+        build_method("scratch", setup, beta=0.5)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        build_method("scratch", setup, lr=float("nan"))
 
 
 def test_evaluate_restores_training_mode():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from l2t_fast import checkpoint
-from l2t_fast.transfer import DEFAULT_CONFIG, resolve_config, run_transfer
+from l2t_fast.jobs import options
+from l2t_fast.jobs.transfer import resolve_config, run_transfer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,8 +37,8 @@ def test_results_json_png_and_source_cache(tmp_path):
         assert 0 <= run["test_accuracy"] <= 1 and run["seconds"] > 0
     assert len(epochs_seen) == 8
     assert {"method", "seed", "epoch", "train_loss", "test_accuracy"} <= set(epochs_seen[0])
-    where = results["where_weights"]
-    assert where["source_layers"] == where["target_layers"] == ["layer1", "layer2", "layer3"]
+    where = results["method_outputs"]["l2t-ww"]["where_weights"]
+    assert where["rows"] == where["columns"] == ["layer1", "layer2", "layer3"]
     assert all(value is not None for row in where["matrix"] for value in row)
     assert results["source"]["cached"] is False
 
@@ -139,11 +140,11 @@ def test_source_checkpoint_file_is_used(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"colour": 1}, r"unknown config keys \['colour'\]"),
     ({"methods": ["scratch", "magic"]}, "magic"),
-    ({"seeds": []}, "seeds is empty"),
+    ({"seeds": []}, "seeds must be one or more"),
     ({"epochs": 0}, "epochs must be an int >= 1"),
-    ({"lr": -1}, "lr must be a number > 0"),
-    ({"pairs": "diagonal"}, "pairs must be 'all'"),
-    ({"source_layers": "layer1"}, "source_layers must be a non-empty list"),
+    ({"lr": -1}, "lr must be a finite number > 0"),
+    ({"pairs": "diagonal"}, "pairs must be 'all' or"),
+    ({"source_layers": []}, "source_layers must be one or more"),
 ])
 def test_bad_config_is_rejected(change, message):
     with pytest.raises(ValueError, match=message):
@@ -151,22 +152,24 @@ def test_bad_config_is_rejected(change, message):
 
 
 def test_default_config_is_complete_and_json():
-    assert resolve_config({}) == DEFAULT_CONFIG
-    assert json.loads(json.dumps(DEFAULT_CONFIG)) == DEFAULT_CONFIG
+    config = resolve_config({})
+    assert set(config) == set(options.table())
+    assert json.loads(json.dumps(config)) == config
+    assert resolve_config(config) == config
 
 
 def test_pretrained_source_does_not_depend_on_the_global_rng(tmp_path):
     """Two first runs in different RNG states (torch seeds every process at random) cache
     the same source network."""
     from l2t_fast.data import load_data
-    from l2t_fast.transfer import _source_model
+    from l2t_fast.jobs.source import source_model
 
     weights = []
     for state in (1, 2):
         config = resolve_config(tiny_config(tmp_path, cache_dir=str(tmp_path / f"cache{state}")))
         data = load_data(config["data"], config["data_root"], config["image_size"])
         torch.manual_seed(state)
-        model, info = _source_model(config, data, torch.device("cpu"), show=False)
+        model, info = source_model(config, data, torch.device("cpu"), show=False)
         assert not info["cached"]
         weights.append(model.state_dict())
     for name in weights[0]:

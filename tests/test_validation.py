@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import l2t_fast
-from l2t_fast.backends import BackendUnavailable
+from l2t_fast.matching.backends import BackendUnavailable
 from matching_reference import random_problem
 
 
@@ -137,7 +137,7 @@ def test_triton_without_gpu_or_interpreter_says_why(problem, monkeypatch):
 
 
 def test_errors_come_before_any_kernel(problem, monkeypatch):
-    from l2t_fast import backends
+    from l2t_fast.matching import backends
 
     def no_kernel(*args, **kwargs):
         raise AssertionError("a kernel was reached")

@@ -1,4 +1,4 @@
-// CUDA kernels of the three channel-error ops (math: l2t_fast/backends/_registration.py).
+// CUDA kernels of the three channel-error ops (math: l2t_fast/matching/backends/registration.py).
 //
 // Per target layer n, the regressors of every pair that reads n are stacked into one
 // [rows, Ct] matrix (channel_errors.h). The batch is cut into chunks (whole samples while

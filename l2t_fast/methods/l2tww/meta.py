@@ -1,4 +1,4 @@
-"""The meta-networks of L2T-ww (SPEC.md section 2): what to transfer and where.
+"""The meta-networks of L2T-ww (docs/SPEC.md section 2): what to transfer and where.
 
 Both read only the source features, which never depend on the target's parameters, so
 their outputs are fixed for a whole training iteration; the engine evaluates them once

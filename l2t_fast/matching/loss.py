@@ -1,4 +1,4 @@
-"""The weighted feature-matching loss (SPEC.md section 1): functional API and module.
+"""The weighted feature-matching loss (docs/SPEC.md section 1): functional API and module.
 
 The backend computes only the per-channel errors ``E [B, sum_i Cs_i]`` of all pairs, the
 part that touches the feature maps. Weighting them by channel weights, pair weights and
@@ -10,9 +10,9 @@ import math
 import torch
 from torch import nn
 
-from l2t_fast import backends
-from l2t_fast._inputs import check_matching_inputs, check_tangents
-from l2t_fast.backends._registration import errors_dtype
+from l2t_fast.matching import backends
+from l2t_fast.matching.inputs import check_matching_inputs, check_tangents
+from l2t_fast.matching.backends.registration import errors_dtype
 
 
 def _segment_matrix(channels, like, mean):
@@ -58,7 +58,7 @@ def weighted_feature_matching(source_feats, target_feats, pairs, weight, bias=No
                               reduction="mean", backend="auto"):
     """Sum over pairs of beta_i * mean_b lam_i[b] * sum_c w_i[b, c] * E_i[b, c].
 
-    See SPEC.md section 1. ``reduction="none"`` returns the ``[P, B]`` per-sample terms.
+    See docs/SPEC.md section 1. ``reduction="none"`` returns the ``[P, B]`` per-sample terms.
     """
     inputs, chosen = _prepare(source_feats, target_feats, pairs, weight, bias, channel_weights,
                               pair_weights, beta, reduction, backend)

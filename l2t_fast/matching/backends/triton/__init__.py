@@ -6,25 +6,25 @@ all compiled backends.
 """
 import torch
 
-from l2t_fast.backends import _registration
-from l2t_fast.backends.triton import ops
+from l2t_fast.matching.backends import registration
+from l2t_fast.matching.backends.triton import ops
 
-_registration.register(ops.NAMESPACE)
+registration.register(ops.NAMESPACE)
 
 
 def channel_errors(source, target, weight, bias, pair_source, pair_target):
-    """E [B, sum_i Cs_i] of every pair (see ``backends/_registration.py``)."""
+    """E [B, sum_i Cs_i] of every pair (see ``backends/registration.py``)."""
     return torch.ops.l2t_fast_triton.channel_errors(source, target, weight, bias, pair_source,
                                                     pair_target)
 
 
 def channel_errors_jvp(source, target, weight, bias, pair_source, pair_target, tangent_target,
                        tangent_weight, tangent_bias):
-    return _registration.errors_tangent(torch.ops.l2t_fast_triton, source, target, weight,
+    return registration.errors_tangent(torch.ops.l2t_fast_triton, source, target, weight,
                                         bias, pair_source, pair_target, tangent_target,
                                         tangent_weight, tangent_bias)
 
 
 def channel_errors_vjp(grad_errors, source, target, weight, bias, pair_source, pair_target):
-    return _registration.errors_vjp(torch.ops.l2t_fast_triton, grad_errors, source, target,
+    return registration.errors_vjp(torch.ops.l2t_fast_triton, grad_errors, source, target,
                                     weight, bias, pair_source, pair_target)

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from l2t_fast.backends._registration import errors_dtype
-from l2t_fast.backends.triton import kernels
+from l2t_fast.matching.backends.registration import errors_dtype
+from l2t_fast.matching.backends.triton import kernels
 
 NAMESPACE = "l2t_fast_triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

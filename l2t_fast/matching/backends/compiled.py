@@ -6,7 +6,7 @@ and autograd, and is the ``channel_errors`` of the ``"cpu"`` and ``"cuda"`` back
 """
 import torch
 
-from l2t_fast.backends import _registration
+from l2t_fast.matching.backends import registration
 
 BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` "
               "(after `pip install torch`) from the source checkout")
@@ -18,7 +18,7 @@ except ImportError as error:
     _C = None
     _LOAD_ERROR = error
 else:
-    _registration.register("l2t_fast")
+    registration.register("l2t_fast")
 
 
 def load_problem():
@@ -39,11 +39,11 @@ def channel_errors(source, target, weight, bias, pair_source, pair_target):
 
 def channel_errors_jvp(source, target, weight, bias, pair_source, pair_target, tangent_target,
                        tangent_weight, tangent_bias):
-    return _registration.errors_tangent(torch.ops.l2t_fast, source, target, weight, bias,
+    return registration.errors_tangent(torch.ops.l2t_fast, source, target, weight, bias,
                                         pair_source, pair_target, tangent_target,
                                         tangent_weight, tangent_bias)
 
 
 def channel_errors_vjp(grad_errors, source, target, weight, bias, pair_source, pair_target):
-    return _registration.errors_vjp(torch.ops.l2t_fast, grad_errors, source, target, weight,
+    return registration.errors_vjp(torch.ops.l2t_fast, grad_errors, source, target, weight,
                                     bias, pair_source, pair_target)

@@ -97,7 +97,7 @@ def _check_beta(beta, num_pairs):
 def check_matching_inputs(source_feats, target_feats, pairs, weight, bias=None,
                           channel_weights=None, pair_weights=None, beta=0.5,
                           reduction="mean") -> MatchingInputs:
-    """Validate the loss's arguments (SPEC.md section 1) and bring them to canonical form."""
+    """Validate the loss's arguments (docs/SPEC.md section 1) and bring them to canonical form."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     source = _check_tensor_list("source_feats", source_feats)

@@ -19,7 +19,7 @@ from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
-from l2t_fast.backends import compiled
+from l2t_fast.matching.backends import compiled
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)

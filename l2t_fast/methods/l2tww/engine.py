@@ -1,4 +1,4 @@
-"""L2T-ww training (SPEC.md section 3): a real SGD step, then an exact meta step.
+"""L2T-ww training (docs/SPEC.md section 3): a real SGD step, then an exact meta step.
 
 The meta step differentiates CE after ``inner_steps`` lookahead SGD steps on the weighted
 feature-matching loss and one on CE. The paper's code snapshots the modules and optimizer
@@ -13,7 +13,7 @@ the CE step is not recomputed, and the first step, which needs no adjoint of its
 costs one forward-mode pass instead of a backward and a double backward: T Hessian-vector
 products in all, where the replay does T + 1. A matching step's gradient comes from the
 loss's backward alone (its value is never needed), and BatchNorm's double backward runs as
-one fused kernel (``l2t_fast.batchnorm``).
+one fused kernel (``l2t_fast.methods.l2tww.batchnorm``).
 
 Lookahead forwards run the target in train mode, with batch statistics in BatchNorm, as
 the paper's code does; they get copies of the target's buffers, so running statistics of
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 from torch.func import functional_call
 
-from l2t_fast.batchnorm import fused_batch_norm
-from l2t_fast.features import FeatureHooks
-from l2t_fast.loss import (WeightedFeatureMatching, weighted_feature_matching_grads,
+from l2t_fast.methods.l2tww.batchnorm import fused_batch_norm
+from l2t_fast.models.hooks import FeatureHooks, feature_channels
+from l2t_fast.matching.loss import (WeightedFeatureMatching, weighted_feature_matching_grads,
                            weighted_feature_matching_jvp)
-from l2t_fast.meta import WhatNetwork, WhereNetwork
+from l2t_fast.methods.l2tww.meta import WhatNetwork, WhereNetwork
 
 
 def _feature_channels(model, layer_names, example_input, which):
@@ -43,15 +43,7 @@ def _feature_channels(model, layer_names, example_input, which):
     nets such as ResNets and VGGs.
     """
     if example_input is not None:
-        was_training = [m.training for m in model.modules()]
-        model.eval()
-        try:
-            with FeatureHooks(model, layer_names) as hooks, torch.no_grad():
-                _, feats = hooks(example_input)
-        finally:
-            for module, flag in zip(model.modules(), was_training):
-                module.training = flag
-        return [f.shape[1] for f in feats]
+        return feature_channels(model, layer_names, example_input)
     FeatureHooks(model, layer_names).remove()  # rejects unknown names, with close matches
     named = list(model.named_modules())
     order = {name: i for i, (name, _) in enumerate(named)}
@@ -208,7 +200,7 @@ class L2TWW:
 
     def _run_target(self, theta, x, stop_early=False):
         """Target forward with lookahead parameters ``theta``; BatchNorm gets buffer copies
-        and, where it can, the fused double backward (``l2t_fast.batchnorm``)."""
+        and, where it can, the fused double backward (``l2t_fast.methods.l2tww.batchnorm``)."""
         tensors = dict(zip(self._target_names, theta))
         tensors.update((n, b.clone()) for n, b in self.target_model.named_buffers())
         with fused_batch_norm():

@@ -1,7 +1,7 @@
 """The one dispatch point: which backend computes the channel errors for given inputs.
 
 A backend is a name, a check of whether it can run here (and on given inputs), and a
-``channel_errors`` function (see ``_registration`` for the ops behind the compiled ones).
+``channel_errors`` function (see ``registration`` for the ops behind the compiled ones).
 ``"auto"`` picks the fastest available backend for the inputs' device and dtype; naming
 one that cannot run raises an error that says why, never a silent fallback.
 """
@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from l2t_fast.backends import compiled, reference  # noqa: F401  (cheap; Triton loads lazily)
+from l2t_fast.matching.backends import compiled, reference  # noqa: F401  (cheap; Triton loads lazily)
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 # Preference of "auto" among GPU backends. Not yet measured on a GPU (no device in the
@@ -73,7 +73,7 @@ def _triton_problem():
         return ("Triton needs a CUDA device, or TRITON_INTERPRET=1 set before Triton is "
                 "imported to run its kernels on CPU tensors (slowly)")
     try:
-        sys.modules.get("l2t_fast.backends.triton") or import_module("l2t_fast.backends.triton")
+        sys.modules.get("l2t_fast.matching.backends.triton") or import_module("l2t_fast.matching.backends.triton")
     except ImportError as error:
         return f"Triton does not import ({error}); install it with `pip install triton`"
     return None
@@ -102,13 +102,13 @@ def _triton_unsupported(device, dtype):
 
 
 _REGISTRY = {
-    "reference": Backend("reference", "l2t_fast.backends.reference", lambda: None,
+    "reference": Backend("reference", "l2t_fast.matching.backends.reference", lambda: None,
                          lambda device, dtype: None),
-    "cpu": Backend("cpu", "l2t_fast.backends.compiled", _extension_problem,
+    "cpu": Backend("cpu", "l2t_fast.matching.backends.compiled", _extension_problem,
                    _on("cpu", FLOAT_DTYPES)),
-    "cuda": Backend("cuda", "l2t_fast.backends.compiled", lambda: _extension_problem(True),
+    "cuda": Backend("cuda", "l2t_fast.matching.backends.compiled", lambda: _extension_problem(True),
                     _on("cuda", FLOAT_DTYPES + HALF_DTYPES)),
-    "triton": Backend("triton", "l2t_fast.backends.triton", _triton_problem,
+    "triton": Backend("triton", "l2t_fast.matching.backends.triton", _triton_problem,
                       _triton_unsupported),
 }
 

@@ -33,11 +33,11 @@ import time
 import traceback
 from pathlib import Path
 
+from l2t_fast.jobs import options as option_table
+
 INSTALL_HINT = ("l2t-fast sweep runs on Ray Tune, which is not installed; install it with "
                 "`pip install 'l2t_fast[sweep]'` (or `pip install 'ray[tune]'`)")
 TRIAL_RESULT_FILE = "trial.json"
-_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
-               "false": False, "no": False, "off": False, "0": False}
 
 
 def _import_ray():
@@ -52,60 +52,6 @@ def _import_ray():
 
 # ---------------------------------------------------------------------------------------
 # The grid
-
-
-def _coerce(key, value, default):
-    """``value`` as the type of the option's default (``1`` for a float option is ``1.0``),
-    so that equal settings hash to the same trial id and run_transfer gets what it expects."""
-    def fail():
-        raise ValueError(f"option {key!r} takes a {type(default).__name__} "
-                         f"(default {default!r}), got {value!r}")
-
-    if default is None:
-        return value
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
-            return _BOOL_WORDS[value.lower()]
-        fail()
-    if isinstance(value, bool):  # bool is an int: never let True pass as 1 or 1.0
-        fail()
-    if isinstance(default, int):
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                fail()
-        fail()
-    if isinstance(default, float):
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                fail()
-        fail()
-    if isinstance(default, str):
-        if isinstance(value, (list, tuple)):
-            return list(value)  # e.g. pairs: "all" or [[0, 0], [1, 2]]; run_transfer checks it
-        if isinstance(value, (str, int, float)):
-            return str(value)
-        fail()
-    if isinstance(default, (list, tuple)):
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            fail()
-        if not default:
-            return list(value)
-        return [_coerce(key, item, default[0]) for item in value]
-    return value
 
 
 def _split_top_level(text):
@@ -129,41 +75,41 @@ def _split_top_level(text):
     return items
 
 
-def _parse_set_item(key, text, default):
-    """One value of ``--set``: a list in brackets, a quoted string, or a scalar."""
+def _parse_set_item(key, text):
+    """One value of ``--set``: a list in brackets or a quoted string (read as YAML), else
+    the word itself, which the option's kind reads (``1e-4``, ``off`` and ``0`` mean what
+    they mean on the command line)."""
     import yaml
 
     if not text:
         raise ValueError(f"--set {key}: empty value")
+    value = text
     if text[0] in "[\"'":
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as error:
             raise ValueError(f"--set {key}: cannot parse {text!r}: {error}") from None
-    elif isinstance(default, str):
-        value = text  # keep 'off', '1e-4', 'no' as typed
-    else:
-        value = yaml.safe_load(text)
-    return _coerce(key, value, default)
+    return option_table.coerce(key, value)
 
 
-def parse_set_option(text, defaults):
+def parse_set_option(text):
     """``"key=v1,v2"`` -> ``(key, [v1, v2])`` with values of the option's type."""
     if "=" not in text:
         raise ValueError(f"--set takes KEY=VALUE[,VALUE...], got {text!r}")
     raw_key, values = text.split("=", 1)
-    key = _option_name(raw_key, defaults)
-    return key, [_parse_set_item(key, item, defaults[key]) for item in _split_top_level(values)]
+    key = _option_name(raw_key)
+    return key, [_parse_set_item(key, item) for item in _split_top_level(values)]
 
 
-def _option_name(raw_key, defaults):
+def _option_name(raw_key):
     key = raw_key.strip().lstrip("-").replace("-", "_")
-    if key not in defaults:
-        raise ValueError(f"unknown transfer option {raw_key!r}; options: {', '.join(sorted(defaults))}")
+    known = option_table.table()
+    if key not in known:
+        raise ValueError(f"unknown transfer option {raw_key!r}; options: {', '.join(sorted(known))}")
     return key
 
 
-def load_grid_file(path, defaults):
+def load_grid_file(path):
     """A YAML or JSON mapping ``option: value`` or ``option: [values...]`` -> grid.
 
     As with ``--set``, a list is always the values to sweep; a single value that is itself a
@@ -181,17 +127,17 @@ def load_grid_file(path, defaults):
                          f"got {type(data).__name__}")
     grid = {}
     for raw_key, value in data.items():
-        key = _option_name(str(raw_key), defaults)
+        key = _option_name(str(raw_key))
         values = value if isinstance(value, list) else [value]
-        grid[key] = [_coerce(key, item, defaults[key]) for item in values]
+        grid[key] = [option_table.coerce(key, item) for item in values]
     return grid
 
 
-def build_grid(defaults, grid_file=None, set_options=()):
+def build_grid(grid_file=None, set_options=()):
     """The grid ``{option: [values]}`` from a file and ``--set`` options (``--set`` wins)."""
-    grid = load_grid_file(grid_file, defaults) if grid_file else {}
+    grid = load_grid_file(grid_file) if grid_file else {}
     for text in set_options:
-        key, values = parse_set_option(text, defaults)
+        key, values = parse_set_option(text)
         grid[key] = values
     if not grid:
         raise ValueError("nothing to sweep: give a grid file (--grid) or --set KEY=VALUES")
@@ -345,7 +291,7 @@ def run_sweep(trials, output_dir, *, trial_function=None, cpus_per_trial=1.0,
         raise ValueError("trials is empty: nothing to run")
     _, tune = _import_ray()
     if trial_function is None:
-        from l2t_fast.transfer import run_transfer as trial_function
+        from l2t_fast.jobs.transfer import run_transfer as trial_function
     sweep_dir = Path(output_dir).resolve()
     options_by_id = {trial_id(options): options for options in trials}
     if len(options_by_id) != len(trials):
@@ -551,8 +497,8 @@ def main(args):
     """Run ``l2t-fast sweep``; returns the exit code (0: every trial finished)."""
     try:
         ray, _ = _import_ray()
-        from l2t_fast.transfer import DEFAULT_CONFIG, resolve_config
-        trials = expand_grid(build_grid(DEFAULT_CONFIG, args.grid, args.set_options))
+        from l2t_fast.jobs.transfer import resolve_config
+        trials = expand_grid(build_grid(args.grid, args.set_options))
         for options in trials:  # a bad value fails now, not in a trial hours later
             resolve_config(options)
         _check_resources(args.cpus_per_trial, args.gpus_per_trial)

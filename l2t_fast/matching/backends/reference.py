@@ -1,4 +1,4 @@
-"""The reference backend: the per-channel errors of SPEC.md section 1, written plainly.
+"""The reference backend: the per-channel errors of docs/SPEC.md section 1, written plainly.
 
 It materialises every projection and resized source map, which is exactly what the
 compiled backends avoid; autograd gives its gradients and double gradients.

@@ -1,4 +1,4 @@
-"""The Triton kernel of the three channel-error ops (math: ``backends/_registration.py``).
+"""The Triton kernel of the three channel-error ops (math: ``backends/registration.py``).
 
 One kernel serves the forward, the backward and the double backward (``MODE``), so the
 three cannot drift apart. A program owns one block of ``BLOCK_ROWS`` source channels of

@@ -1,0 +1,39 @@
+"""The embedded scenarios, built from scikit-learn's 8x8 digits (no download)."""
+import torch
+import torch.nn.functional as F
+
+from l2t_fast.data import TransferData, stratified_mask
+
+DIGITS_SOURCE_CLASSES = (0, 1, 2, 3, 4)
+DIGITS_TARGET_CLASSES = (5, 6, 7, 8, 9)
+
+
+def load_scenario(scenario, image_size):
+    """The embedded scenario ``scenario`` (see the ``scenario`` option) at ``image_size``."""
+    if scenario == "task":
+        return load_digits(image_size)
+    raise ValueError(f"scenario {scenario!r} is not one of the embedded scenarios (task)")
+
+
+def load_digits(image_size=32, test_fraction=0.5):
+    """scikit-learn's 8x8 digits: digits 0-4 are the source task, 5-9 the target task.
+
+    Half of each target class (a fixed split) is the test set; the rest is the pool the
+    few labelled training images come from. Images are upsampled bilinearly to
+    ``image_size`` and repeated to 3 channels so that any model fits them.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear",
+                           align_corners=False)
+    images = ((images - images.mean()) / images.std()).repeat(1, 3, 1, 1)
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+
+    source = torch.isin(labels, torch.tensor(DIGITS_SOURCE_CLASSES))
+    target_images, target_labels = images[~source], labels[~source] - len(DIGITS_SOURCE_CLASSES)
+    test = stratified_mask(target_labels, test_fraction, seed=0)
+    return TransferData("digits", target_images[~test], target_labels[~test],
+                        target_images[test], target_labels[test], len(DIGITS_TARGET_CLASSES),
+                        images[source], labels[source], len(DIGITS_SOURCE_CLASSES))

@@ -1,0 +1,386 @@
+"""The one table of options: what ``l2t-fast transfer`` and a sweep can set, with default,
+kind (how a value is read and checked) and help.
+
+Every consumer reads this table: the command line (``add_arguments``), the config check
+(``resolve_config`` in ``l2t_fast.jobs.transfer``), the sweep's type coercion
+(``coerce``) and the README's option list (``markdown_table``, checked by a test). The
+job's own rows are below; each method adds its rows where it is registered
+(``l2t_fast.methods.register``), so a new method touches only its own module.
+"""
+import argparse
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Any
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+               "false": False, "no": False, "off": False, "0": False}
+
+
+# ---- kinds: how a value is read (from a command-line word or a config value) and checked --
+
+class Kind(ABC):
+    """Turns a config value (a Python, YAML or JSON value, or a command-line word) into
+    the option's canonical value, or raises ValueError; ``describe`` says what it takes."""
+    nargs = None
+
+    @abstractmethod
+    def coerce(self, value):
+        """The canonical value; ValueError with a short reason if ``value`` is not one."""
+
+    @abstractmethod
+    def describe(self):
+        """What the kind takes, as a phrase: "an int >= 1"."""
+
+
+class Int(Kind):
+    def __init__(self, low=None, high=None):
+        self.low, self.high = low, high
+
+    def coerce(self, value):
+        if isinstance(value, str):
+            value = value.strip()
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError("not an int") from None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("not an int")
+        if (self.low is not None and value < self.low) or (
+                self.high is not None and value > self.high):
+            raise ValueError("out of range")
+        return value
+
+    def describe(self):
+        if self.high is None:
+            return "an int" if self.low is None else f"an int >= {self.low}"
+        return f"an int in [{self.low}, {self.high}]"
+
+
+class Float(Kind):
+    """A finite number; ``low``/``high`` bound it, strictly where ``above``/``below``."""
+
+    def __init__(self, low=None, high=None, above=False, below=False):
+        self.low, self.high, self.above, self.below = low, high, above, below
+
+    def coerce(self, value):
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError("not a number") from None
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise ValueError("not a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError("not finite")
+        if self.low is not None and (value <= self.low if self.above else value < self.low):
+            raise ValueError("out of range")
+        if self.high is not None and (value >= self.high if self.below else value > self.high):
+            raise ValueError("out of range")
+        return value
+
+    def describe(self):
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.above else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.below else '<='} {self.high:g}")
+        return "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+
+class Choice(Kind):
+    def __init__(self, *choices):
+        self.choices = tuple(choices)
+
+    def coerce(self, value):
+        if value not in self.choices:
+            raise ValueError("not a choice")
+        return value
+
+    def describe(self):
+        return "one of " + ", ".join(map(str, self.choices))
+
+
+class Text(Kind):
+    """A string (a path, a model name...); ``optional``: None (or the word ``none``) too."""
+
+    def __init__(self, optional=False):
+        self.optional = optional
+
+    def coerce(self, value):
+        if value is None or (self.optional and isinstance(value, str)
+                             and value.lower() == "none"):
+            if self.optional:
+                return None
+            raise ValueError("missing")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError("not a string")
+        text = str(value)
+        if not text:
+            raise ValueError("empty")
+        return text
+
+    def describe(self):
+        return "a string" + (" or none" if self.optional else "")
+
+
+class Flag(Kind):
+    def coerce(self, value):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        raise ValueError("not a boolean")
+
+    def describe(self):
+        return "true or false"
+
+
+class ListOf(Kind):
+    """A non-empty list of ``item`` values without repeats; a single value is a list of one.
+    ``everything`` names a word that stands for every possible value (e.g. ``all``);
+    ``optional``: None too (the job chooses)."""
+    nargs = "+"
+
+    def __init__(self, item, everything=None, optional=False):
+        self.item, self.everything, self.optional = item, everything, optional
+
+    def coerce(self, value):
+        if value is None and self.optional:
+            return None
+        if self.everything is not None and value == self.everything:
+            return value
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value]
+        if self.everything is not None and value == [self.everything]:
+            return self.everything
+        if not value:
+            raise ValueError("empty")
+        items = [self.item.coerce(v) for v in value]
+        seen = set()
+        for item in items:
+            key = repr(item)
+            if key in seen:
+                raise ValueError(f"lists {item!r} twice")
+            seen.add(key)
+        return items
+
+    def describe(self):
+        text = f"one or more (no repeats) of: {self.item.describe()}"
+        if self.everything is not None:
+            text = f"'{self.everything}' or " + text
+        return text + (" or none" if self.optional else "")
+
+
+class MethodName(Kind):
+    """The name of a registered method (``l2t_fast.methods``)."""
+
+    def coerce(self, value):
+        from l2t_fast import methods
+
+        names = list(methods.registry())
+        if value not in names:
+            raise ValueError(f"unknown method {value!r}; choose from {', '.join(names)}")
+        return value
+
+    def describe(self):
+        return "a method name"
+
+
+class Pair(Kind):
+    """A (source layer index, target layer index) pair: ``[0, 1]`` or the word ``0:1``."""
+
+    def coerce(self, value):
+        if isinstance(value, str):
+            parts = value.split(":")
+            if len(parts) != 2:
+                raise ValueError("not SOURCE:TARGET")
+            value = parts
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError("not a pair")
+        return [Int(0).coerce(v) for v in value]
+
+    def describe(self):
+        return "SOURCE:TARGET layer indices"
+
+
+# ---- options ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Option:
+    name: str                # config key (the command line's --name-with-dashes)
+    default: Any
+    kind: Kind
+    help: str
+    group: str = "job"       # "job" or "method" (rows a method registers)
+    used_by: tuple = field(default=(), compare=False)  # method names, filled by the registry
+
+    @property
+    def flag(self):
+        return "--" + self.name.replace("_", "-")
+
+    def coerce(self, value):
+        """The canonical value, or a ValueError that names the option and what it takes."""
+        try:
+            return self.kind.coerce(value)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{self.name} must be {self.kind.describe()}, got {value!r} "
+                             f"({error})") from None
+
+
+JOB_OPTIONS = (
+    Option("scenario", "task", Choice("task", "domain"),
+           "embedded digits data: 'task' (source digits 0-4, target digits 5-9: a new task) or "
+           "'domain' (source: all ten digits; target: the same digits drawn over photographs, "
+           "few labels: a new domain)"),
+    Option("data", "digits", Text(),
+           "'digits' (embedded, see --scenario), an image folder (CLASS/*.png, or train/ and "
+           "test/ with CLASS/ inside), or a torchvision data set name such as CIFAR10 (needs "
+           "torchvision and --data-root)"),
+    Option("data_root", None, Text(optional=True), "folder a torchvision data set was "
+           "downloaded to"),
+    Option("image_size", 16, Int(8), "images are resized to this square size"),
+    Option("source_model", "resnet14", Text(),
+           "resnet8, resnet14, resnet20, torchvision:NAME or timm:NAME"),
+    Option("target_model", "resnet14", Text(),
+           "resnet8, resnet14, resnet20, torchvision:NAME or timm:NAME"),
+    Option("source_checkpoint", None, Text(optional=True),
+           "state_dict file of the source model (needed unless --data digits)"),
+    Option("source_epochs", 15, Int(1),
+           "epochs to pretrain the source on the data's source task (then cached)"),
+    Option("cache_dir", None, Text(optional=True),
+           "where pretrained sources are cached (default ~/.cache/l2t_fast)"),
+    Option("source_layers", None, ListOf(Text(), optional=True),
+           "source module names to match (default: the model's stages)"),
+    Option("target_layers", None, ListOf(Text(), optional=True),
+           "target module names to match (default: the model's stages)"),
+    Option("methods", "all", ListOf(MethodName(), everything="all"),
+           "methods to compare ('all': every method that the data allows)"),
+    Option("seeds", [0, 1, 2, 3, 4], ListOf(Int(0)),
+           "seeds; each draws its own labelled images and initialisation"),
+    Option("labels_per_class", 10, Int(0),
+           "labelled target training images per class (0: all)"),
+    Option("epochs", 40, Int(1), "training epochs over the labelled target images"),
+    Option("batch_size", 25, Int(2), "training batch size"),
+    Option("augment_shift", 4, Int(0),
+           "random translation augmentation, in pixels (0: none)"),
+    Option("device", "auto", Text(), "auto, cpu, cuda, cuda:N"),
+)
+
+
+def table():
+    """Every option, ``{name: Option}``: the job's rows, then each method's, in registry
+    order (an option that several methods take appears once, naming them all)."""
+    from l2t_fast import methods
+
+    rows = {option.name: option for option in JOB_OPTIONS}
+    for name, spec in methods.registry().items():
+        for option in spec.options:
+            known = rows.get(option.name)
+            if known is not None and known.group == "job":
+                raise AssertionError(f"method {name} redefines job option {option.name}")
+            if known is not None and (known.default, known.help) != (option.default,
+                                                                      option.help):
+                raise AssertionError(f"method {name} redefines option {option.name}")
+            used_by = (known.used_by if known else ()) + (name,)
+            rows[option.name] = Option(option.name, option.default, option.kind, option.help,
+                                       "method", used_by)
+    return rows
+
+
+def defaults():
+    """``{name: default}`` of every option."""
+    return {name: option.default for name, option in table().items()}
+
+
+def coerce(name, value):
+    """``value`` of option ``name`` in canonical form (the sweep reads its grid with this)."""
+    rows = table()
+    if name not in rows:
+        raise ValueError(f"unknown option {name!r}; options: {', '.join(sorted(rows))}")
+    return rows[name].coerce(value)
+
+
+def _shown(value):
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def _help(option, scenario_settings):
+    text = option.help
+    if option.used_by:
+        text += f" [{', '.join(option.used_by)}]"
+    text += f" (default: {_shown(option.default)}"
+    tuned = scenario_settings.get(option.name)
+    if tuned is not None:
+        text += f"; {_shown(tuned)} on the embedded digits"
+    return text + ")"
+
+
+def add_arguments(parser):
+    """One command-line flag per option. Unset flags stay out of the parsed namespace
+    (``argparse.SUPPRESS``), so that the job can tell a user's value from a default."""
+    from l2t_fast.data import SCENARIO_SETTINGS
+
+    for option in table().values():
+        kwargs = {"default": argparse.SUPPRESS, "help": _help(option, SCENARIO_SETTINGS),
+                  "dest": option.name}
+        if isinstance(option.kind, Flag):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _parser_of(option)
+            kwargs["nargs"] = option.kind.nargs
+            kwargs["metavar"] = option.name.upper()
+        parser.add_argument(option.flag, **kwargs)
+
+
+def _parser_of(option):
+    """argparse ``type=`` for one word: the item's kind for list options (the list is
+    checked as a whole by ``resolve_config``)."""
+    kind = option.kind.item if isinstance(option.kind, ListOf) else option.kind
+
+    def parse(word):
+        if isinstance(option.kind, ListOf) and word == option.kind.everything:
+            return word
+        try:
+            return kind.coerce(word)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"{word!r} is not {kind.describe()} ({error})") from None
+
+    parse.__name__ = option.name  # argparse names it in "invalid NAME value"
+    return parse
+
+
+def from_arguments(args):
+    """The config a parsed command line sets: only the options the user gave."""
+    config = {}
+    for option in table().values():
+        if hasattr(args, option.name):
+            value = getattr(args, option.name)
+            if isinstance(option.kind, ListOf) and value == [option.kind.everything]:
+                value = option.kind.everything
+            config[option.name] = value
+    return config
+
+
+def markdown_table():
+    """The README's option list (tests/test_readme.py keeps the README equal to it)."""
+    from l2t_fast.data import SCENARIO_SETTINGS
+
+    lines = ["| option | default | takes | what |", "|---|---|---|---|"]
+    for option in table().values():
+        default = _shown(option.default)
+        if option.name in SCENARIO_SETTINGS:
+            default += f" (digits: {_shown(SCENARIO_SETTINGS[option.name])})"
+        what = option.help + (f" [{', '.join(option.used_by)}]" if option.used_by else "")
+        lines.append(f"| `{option.flag}` | {default} | {option.kind.describe()} | "
+                     f"{what.replace('|', '/')} |")
+    return "\n".join(lines)
