@@ -15,15 +15,6 @@ import torch.nn.functional as F
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
-# The embedded scenarios' settings over the option table's defaults, which are the papers'
-# values for real data (ImageNet-scale sources, 224 px): these 16 px digits with 50 labels
-# want a lighter matching loss, a faster meta-learning rate and stronger weight decay.
-# Chosen by earlier sessions from test accuracies on seeds 10-14 of the task scenario
-# (benchmarks/RESULTS.md), not on the reported seeds 0-4; the domain scenario takes them
-# unchanged.
-SCENARIO_SETTINGS = {"beta": 0.2, "meta_lr": 1e-2, "at_beta": 10.0, "weight_decay": 5e-4}
-
-
 @dataclass
 class TransferData:
     """A data set of the job, in memory. The job reads it only through the methods below,

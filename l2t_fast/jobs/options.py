@@ -313,24 +313,30 @@ def _shown(value):
     return "none" if value is None else str(value)
 
 
-def _help(option, scenario_settings):
+def _scenario_values(name):
+    """What the embedded scenarios set ``name`` to, e.g. "task: 0.2", or ""."""
+    from l2t_fast.data.digits import SCENARIO_SETTINGS
+
+    return ", ".join(f"{scenario}: {_shown(settings[name])}"
+                     for scenario, settings in SCENARIO_SETTINGS.items() if name in settings)
+
+
+def _help(option):
     text = option.help
     if option.used_by:
         text += f" [{', '.join(option.used_by)}]"
     text += f" (default: {_shown(option.default)}"
-    tuned = scenario_settings.get(option.name)
-    if tuned is not None:
-        text += f"; {_shown(tuned)} on the embedded digits"
+    tuned = _scenario_values(option.name)
+    if tuned:
+        text += f"; digits scenarios {tuned}"
     return text + ")"
 
 
 def add_arguments(parser):
     """One command-line flag per option. Unset flags stay out of the parsed namespace
     (``argparse.SUPPRESS``), so that the job can tell a user's value from a default."""
-    from l2t_fast.data import SCENARIO_SETTINGS
-
     for option in table().values():
-        kwargs = {"default": argparse.SUPPRESS, "help": _help(option, SCENARIO_SETTINGS),
+        kwargs = {"default": argparse.SUPPRESS, "help": _help(option),
                   "dest": option.name}
         if isinstance(option.kind, Flag):
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -373,13 +379,12 @@ def from_arguments(args):
 
 def markdown_table():
     """The README's option list (tests/test_readme.py keeps the README equal to it)."""
-    from l2t_fast.data import SCENARIO_SETTINGS
-
     lines = ["| option | default | takes | what |", "|---|---|---|---|"]
     for option in table().values():
         default = _shown(option.default)
-        if option.name in SCENARIO_SETTINGS:
-            default += f" (digits: {_shown(SCENARIO_SETTINGS[option.name])})"
+        tuned = _scenario_values(option.name)
+        if tuned:
+            default += f" (digits {tuned})"
         what = option.help + (f" [{', '.join(option.used_by)}]" if option.used_by else "")
         lines.append(f"| `{option.flag}` | {default} | {option.kind.describe()} | "
                      f"{what.replace('|', '/')} |")

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from l2t_fast import checkpoint, methods
-from l2t_fast.data import SCENARIO_SETTINGS, labelled_subset, load_data, offers
+from l2t_fast.data import labelled_subset, load_data, offers
+from l2t_fast.data.digits import SCENARIO_SETTINGS
 from l2t_fast.jobs import options
 from l2t_fast.jobs.source import source_model
 from l2t_fast.methods.base import Batch, Setup, evaluate
@@ -37,7 +38,8 @@ def resolve_config(config):
         raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(table)}")
     merged = {name: copy.deepcopy(option.default) for name, option in table.items()}
     if config.get("data", merged["data"]) == "digits":
-        merged.update(SCENARIO_SETTINGS)
+        scenario = table["scenario"].coerce(config.get("scenario", merged["scenario"]))
+        merged.update(SCENARIO_SETTINGS[scenario])
     merged.update(copy.deepcopy(config))
     resolved = {name: table[name].coerce(value) for name, value in merged.items()}
     resolved["methods"] = _methods(resolved)
