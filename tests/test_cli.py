@@ -52,7 +52,10 @@ def test_options_are_parsed_into_the_config():
     (["transfer", "--methods", "fm", "fm"], "lists 'fm' twice"),
     (["transfer", "--pairs", "all", "0:0"], "pairs must be 'all' or"),
     (["transfer", "--source-checkpoint", "/no/such/file.pt"], "is not a file"),
-    (["transfer", "--resume"], "needs a checkpoint_dir"),
+    (["transfer", "--resume", "/no/such/job"], "nothing to resume: '/no/such/job' does not "
+                                               "exist"),
+    (["transfer", "--backend", "cuda", "--methods", "fm"] if not torch.cuda.is_available()
+     else ["transfer", "--backend", "magic"], "backend"),
     (["transfer", "--device", "cuda:7"] if not torch.cuda.is_available()
      else ["transfer", "--device", "nonsense"], "device"),
     (["frobnicate"], "invalid choice"),
@@ -64,19 +67,43 @@ def test_bad_options_exit_with_a_clear_error(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_tiny_transfer_run_prints_the_table_and_writes_outputs(tmp_path, capsys):
-    status = main(["transfer", "--image-size", "8", "--source-model", "resnet8",
-                   "--target-model", "resnet8",
-                   "--source-epochs", "1", "--epochs", "1", "--labels-per-class", "2",
-                   "--batch-size", "5", "--seeds", "0", "--methods", "scratch", "at",
-                   "--backend", "reference", "--cache-dir", str(tmp_path / "cache"),
-                   "--output-dir", str(tmp_path / "out"), "--quiet"])
-    assert status == 0
+TINY = ["transfer", "--image-size", "8", "--source-model", "resnet8", "--target-model",
+        "resnet8", "--source-epochs", "1", "--epochs", "1", "--labels-per-class", "2",
+        "--batch-size", "5", "--seeds", "0", "--backend", "reference", "--quiet"]
+
+
+def test_each_run_gets_a_fresh_job_folder_and_resume_extends_the_latest(tmp_path, capsys):
+    common = TINY + ["--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")]
+    assert main(common + ["--methods", "scratch", "at"]) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and "scratch" in out and "at " in out
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "vs scratch" in out
+    first = (tmp_path / "out" / "latest").resolve()
+    results = json.loads((first / "results.json").read_text())
     assert [row["method"] for row in results["summary"]] == ["scratch", "at"]
-    assert (tmp_path / "out" / "results.png").stat().st_size > 0
+    assert (first / "results.png").stat().st_size > 0
+
+    assert main(common + ["--methods", "scratch"]) == 0
+    second = (tmp_path / "out" / "latest").resolve()
+    assert second != first and json.loads((first / "results.json").read_text()) == results
+    assert f"job folder: {second}" in capsys.readouterr().out
+
+    assert main(common + ["--methods", "scratch", "--seeds", "0", "1", "--resume"]) == 0
+    resumed = json.loads((second / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in resumed["runs"]] == [("scratch", 0), ("scratch", 1)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(common + ["--methods", "scratch", "--lr", "0.5", "--resume", str(first)])
+    assert exit_info.value.code == 2 and "keys ['lr'] differ" in capsys.readouterr().err
+
+
+def test_diverged_runs_make_the_exit_status_say_so(tmp_path, capsys):
+    status = main(TINY + ["--methods", "scratch", "fm", "--lr", "1000", "--epochs", "2",
+                          "--cache-dir", str(tmp_path / "cache"),
+                          "--output-dir", str(tmp_path / "out")])
+    assert status == 1
+    captured = capsys.readouterr()
+    assert "diverged: fm seed 0 at epoch" in captured.err
+    assert "(1 div.)" in captured.out
 
 
 def test_python_dash_m_runs_the_command():

@@ -156,6 +156,8 @@ def fake_trial(config, *, output_dir, checkpoint_dir, resume, progress, on_epoch
     to the driver after its first epoch (when not resuming) and waits to be stopped."""
     with open(Path(output_dir, "calls.txt"), "a") as handle:
         handle.write(f"resume={resume}\n")
+    Path(output_dir, "job.json").write_text("{}")  # as run_transfer claims its folder first
+    Path(checkpoint_dir).mkdir(exist_ok=True)
     done = len(os.listdir(checkpoint_dir)) if resume else 0
     for epoch in range(done + 1, 3):
         Path(checkpoint_dir, f"epoch{epoch}").write_text("")

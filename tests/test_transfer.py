@@ -96,14 +96,148 @@ def assert_same(a, b):
         assert a == b
 
 
-def test_resume_with_another_config_is_refused(tmp_path):
+def test_a_folder_holds_one_job(tmp_path):
     config = tiny_config(tmp_path, methods=["scratch"], epochs=1)
     run_transfer(config, output_dir=tmp_path / "a", checkpoint_dir=tmp_path / "c", progress=False)
-    with pytest.raises(ValueError, match=r"different config \(keys \['lr'\]"):
+    with pytest.raises(ValueError, match=r"different config \(keys \['lr'\] differ"):
         run_transfer({**config, "lr": 0.01}, output_dir=tmp_path / "a",
                      checkpoint_dir=tmp_path / "c", resume=True, progress=False)
-    with pytest.raises(ValueError, match="checkpoint_dir"):
-        run_transfer(config, output_dir=tmp_path / "a", resume=True)
+    with pytest.raises(ValueError, match="holds another job"):
+        run_transfer(config, output_dir=tmp_path / "a", progress=False)
+    # a checkpoint folder of another job is refused too, naming what differs
+    with pytest.raises(ValueError, match="holds another job"):
+        run_transfer(config, output_dir=tmp_path / "b", checkpoint_dir=tmp_path / "c",
+                     progress=False)
+    with pytest.raises(ValueError, match=r"keys \['lr'\] differ"):
+        run_transfer({**config, "lr": 0.01}, output_dir=tmp_path / "b",
+                     checkpoint_dir=tmp_path / "c", resume=True, progress=False)
+
+
+def test_resume_extends_a_job_with_more_seeds_and_methods(tmp_path):
+    config = tiny_config(tmp_path, methods=["scratch"], epochs=2)
+    first = run_transfer(config, output_dir=tmp_path / "job", progress=False)
+    epochs = []
+    extended = run_transfer({**config, "seeds": [0, 1], "methods": ["scratch", "at"]},
+                            output_dir=tmp_path / "job", resume=True, progress=False,
+                            on_epoch=epochs.append)
+    assert sorted({(m["method"], m["seed"]) for m in epochs}) == [
+        ("at", 0), ("at", 1), ("scratch", 1)]  # scratch seed 0 was reused, not rerun
+    assert extended["runs"][0] == first["runs"][0]
+    assert [r["seed"] for r in extended["runs"]] == [0, 1, 0, 1]
+
+
+def test_diverged_runs_are_marked_and_the_job_goes_on(tmp_path):
+    # lr 1000: the BatchNorm-only scratch network survives it (finite, useless), feature
+    # matching's regressors do not; L2T-ww's meta step is caught by the engine itself
+    config = tiny_config(tmp_path, methods=["scratch", "fm", "l2t-ww"], seeds=[0, 1],
+                         lr=1000.0, epochs=3)
+    results = run_transfer(config, output_dir=tmp_path / "out", progress=False)
+    assert [r["status"] for r in results["runs"]] == ["finished"] * 2 + ["diverged"] * 4
+    for run in results["runs"][2:]:
+        where = run["diverged"]
+        assert where["epoch"] >= 1 and where["step"] >= 1 and "non-finite" in where["reason"]
+        assert run["test_accuracy"] is None
+    assert [(row["runs"], row["diverged"]) for row in results["summary"]] == [
+        (2, 0), (0, 2), (0, 2)]
+    assert results["summary"][1]["accuracy_mean"] is None
+    text = (tmp_path / "out" / "results.json").read_text()
+    json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} in results.json"))
+    assert (tmp_path / "out" / "results.png").stat().st_size > 0
+    # a resumed job does not run the diverged runs again
+    again = run_transfer(config, output_dir=tmp_path / "out", resume=True, progress=False,
+                         on_epoch=lambda metrics: pytest.fail("a diverged run ran again"))
+    assert again["runs"] == results["runs"]
+
+
+def test_results_are_kept_after_every_finished_run(tmp_path):
+    config = tiny_config(tmp_path, methods=["scratch", "at"], epochs=1)
+
+    def fail_in_the_second_run(metrics):
+        if metrics["method"] == "at":
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_transfer(config, output_dir=tmp_path / "out", progress=False,
+                     on_epoch=fail_in_the_second_run)
+    kept = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert kept["complete"] is False
+    assert [(r["method"], r["status"]) for r in kept["runs"]] == [("scratch", "finished")]
+
+
+def test_paired_difference_to_scratch(tmp_path):
+    from l2t_fast.jobs.transfer import summarise
+
+    runs = [{"method": m, "seed": s, "status": "finished", "test_accuracy": a, "seconds": 1.0}
+            for m, s, a in [("scratch", 0, 0.5), ("scratch", 1, 0.6), ("scratch", 2, 0.7),
+                            ("fm", 0, 0.6), ("fm", 1, 0.8), ("fm", 2, 0.7)]]
+    paired = summarise(runs, ["scratch", "fm"])[1]["vs_scratch"]
+    differences = [0.1, 0.2, 0.0]
+    half = 4.302652729911275 * 0.1 / 3 ** 0.5  # t(0.975, 2) * sd / sqrt(n), sd = 0.1
+    assert paired["seeds"] == 3
+    assert paired["mean"] == pytest.approx(sum(differences) / 3)
+    assert paired["low"] == pytest.approx(0.1 - half) and paired["high"] == pytest.approx(0.1 + half)
+
+
+def test_checkpoints_fall_back_to_the_previous_one_and_refuse_strangers(tmp_path):
+    config = tiny_config(tmp_path, methods=["scratch", "at"], epochs=3)
+    straight = run_transfer(config, output_dir=tmp_path / "a", progress=False)
+
+    def stop(metrics):
+        if metrics["method"] == "at" and metrics["epoch"] == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_transfer(config, output_dir=tmp_path / "b", progress=False, on_epoch=stop)
+    latest = tmp_path / "b" / "checkpoints" / "at-seed0.pt"
+    assert checkpoint.load(checkpoint.previous_path(latest))["epoch"] == 1
+    latest.write_bytes(latest.read_bytes()[:100])  # cut short, as by a full disk
+    with pytest.warns(UserWarning, match="previous checkpoint"):
+        resumed = run_transfer(config, output_dir=tmp_path / "b", resume=True, progress=False)
+    assert resumed["runs"][1]["test_accuracy"] == straight["runs"][1]["test_accuracy"]
+
+    scratch = tmp_path / "b" / "checkpoints" / "scratch-seed0.pt"
+    latest.write_bytes(scratch.read_bytes())  # the wrong run's checkpoint
+    with pytest.raises(checkpoint.CheckpointError, match="is of scratch seed 0, not at seed 0"):
+        run_transfer(config, output_dir=tmp_path / "b", resume=True, progress=False)
+    for path in (latest, checkpoint.previous_path(latest)):
+        open(path, "wb").close()
+    with pytest.raises(checkpoint.CheckpointError, match=r"at-seed0.pt' is empty.*delete it"):
+        run_transfer(config, output_dir=tmp_path / "b", resume=True, progress=False)
+
+
+def test_fails_before_the_first_run(tmp_path):
+    config = tiny_config(tmp_path, methods=["fm"], backend="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend 'cuda' on cpu"):
+            run_transfer(config, output_dir=tmp_path / "out", progress=False)
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="cannot make the folder"):
+        run_transfer(tiny_config(tmp_path), output_dir=tmp_path / "file" / "out",
+                     progress=False)
+
+
+def test_trained_networks_are_kept_for_analysis(tmp_path):
+    from l2t_fast.jobs import runs
+
+    config = tiny_config(tmp_path, methods=["scratch", "finetune"], epochs=1)
+    results = run_transfer(config, output_dir=tmp_path / "out", progress=False)
+    model = runs.load_model(tmp_path / "out", "finetune", 0)
+    images = torch.randn(4, 3, 8, 8)
+    assert model(images).shape == (4, 5)
+    assert runs.load_results(tmp_path / "out")["runs"] == results["runs"]
+    with pytest.raises(ValueError, match="no trained network of fm seed 0"):
+        runs.load_model(tmp_path / "out", "fm", 0)
+
+
+def test_source_cache_key_has_every_option_that_shapes_the_source(tmp_path):
+    from l2t_fast.jobs.source import cache_path
+
+    base = resolve_config(tiny_config(tmp_path))
+    for key, value in [("augment_shift", 2), ("scenario", "domain"), ("source_epochs", 3),
+                       ("image_size", 12), ("source_model", "resnet14")]:
+        assert cache_path({**base, key: value}) != cache_path(base), key
+    assert cache_path({**base, "lr": 0.5}) == cache_path(base)
 
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
@@ -134,7 +268,7 @@ def test_source_checkpoint_file_is_used(tmp_path):
     with pytest.raises(ValueError, match="does not fit 'resnet14'"):
         run_transfer(tiny_config(tmp_path, source_model="resnet14",
                                  source_checkpoint=str(tmp_path / "source.pt")),
-                     output_dir=tmp_path / "out", progress=False)
+                     output_dir=tmp_path / "out2", progress=False)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -34,6 +34,7 @@ import traceback
 from pathlib import Path
 
 from l2t_fast.jobs import options as option_table
+from l2t_fast.jobs.runs import JOB_FILE
 
 INSTALL_HINT = ("l2t-fast sweep runs on Ray Tune, which is not installed; install it with "
                 "`pip install 'l2t_fast[sweep]'` (or `pip install 'ray[tune]'`)")
@@ -191,8 +192,7 @@ def _run_trial(ray_config, *, trial_function, sweep_dir, working_dir):
     trial = ray_config["trial"]
     trial_dir = Path(sweep_dir, "trials", trial["id"])
     checkpoint_dir = trial_dir / "checkpoints"
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    resume = any(checkpoint_dir.iterdir())
+    resume = (trial_dir / JOB_FILE).exists()  # an earlier attempt started: continue it
     error_file = trial_dir / "error.txt"
     error_file.unlink(missing_ok=True)  # so that it always tells about this attempt
     try:
@@ -225,7 +225,9 @@ def _format_summary(result):
     for row in result.get("summary", []):
         std = row.get("accuracy_std")
         spread = f" ± {std:.4g}" if isinstance(std, (int, float)) and not math.isnan(std) else ""
-        parts.append(f"{row.get('method')} {row.get('accuracy_mean'):.4g}{spread}")
+        mean = row.get("accuracy_mean")
+        parts.append(f"{row.get('method')} " + ("diverged" if mean is None else
+                                                 f"{mean:.4g}{spread}"))
     return ", ".join(parts)
 
 
@@ -370,12 +372,14 @@ def results_table(sweep_dir, trials, errors=None):
         if record is None:
             status = "failed" if tid in errors else "unfinished"
             rows.append({**base, "status": status, "method": None, "accuracy_mean": None,
-                         "accuracy_std": None, "seconds": None, "error": errors.get(tid)})
+                         "accuracy_std": None, "diverged": None, "seconds": None,
+                         "error": errors.get(tid)})
             continue
         for summary in record["result"]["summary"]:
             rows.append({**base, "status": "finished", "method": summary["method"],
                          "accuracy_mean": summary["accuracy_mean"],
                          "accuracy_std": summary.get("accuracy_std"),
+                         "diverged": summary.get("diverged", 0),
                          "seconds": summary.get("seconds"), "error": None})
     return rows
 
@@ -436,7 +440,8 @@ def plot_summary(rows, grid_keys, path):
         labels = [str(value) for value in _ordered(row[key] for row in rows if row[key] is not None)]
         position = {label: i for i, label in enumerate(labels)}
         for method in methods:
-            mine = [row for row in finished if row["method"] == method]
+            mine = [row for row in finished
+                    if row["method"] == method and row["accuracy_mean"] is not None]
             axis.errorbar([position[str(row[key])] for row in mine],
                           [row["accuracy_mean"] for row in mine],
                           yerr=[row["accuracy_std"] or 0.0 for row in mine], fmt="o",

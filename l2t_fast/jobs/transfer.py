@@ -7,6 +7,7 @@ draws its labelled images from the training pool with that seed, and trains a fr
 so runs can be checkpointed, resumed and repeated one by one.
 """
 import copy
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from l2t_fast import checkpoint, methods
 from l2t_fast.data import labelled_subset, load_data, offers
 from l2t_fast.data.digits import SCENARIO_SETTINGS
 from l2t_fast.jobs import options
+from l2t_fast.jobs import runs as runs_module
 from l2t_fast.jobs.source import source_model
 from l2t_fast.methods.base import Batch, Setup, evaluate
 from l2t_fast.models import build_model
@@ -80,20 +82,44 @@ def _device(name):
     return device
 
 
+def prepare(config):
+    """The resolved config and the torch device, with every check that needs no data done:
+    options, device, and a named matching backend that cannot run there fail now, not
+    mid-job."""
+    from l2t_fast.matching import backends
+
+    config = resolve_config(config)
+    device = _device(config["device"])
+    if config["source_checkpoint"] is not None and not os.path.isfile(config["source_checkpoint"]):
+        raise ValueError(f"source_checkpoint {config['source_checkpoint']!r} is not a file")
+    uses_backend = any("backend" in method_options(name, config) for name in config["methods"])
+    if config["backend"] != "auto" and uses_backend:
+        try:
+            backends.resolve(config["backend"], device, torch.float32)
+        except backends.BackendUnavailable as error:
+            raise ValueError(f"backend {config['backend']!r} on {device}: {error}") from None
+    return config, device
+
+
 def run_transfer(config, *, output_dir, checkpoint_dir=None, resume=False, progress=True,
                  on_epoch=None):
-    """Run the transfer job; return its results and write them to ``output_dir``.
+    """Run the transfer job in job folder ``output_dir``; return its results.
 
     - ``config``: a dict of options, possibly partial (see ``resolve_config``).
-    - Writes ``results.json`` and ``results.png`` into ``output_dir`` and returns the same
-      JSON-serialisable dict: ``{"config", "source", "runs": [{"method", "seed",
-      "test_accuracy", "seconds", "train_loss", "outputs"...}], "summary": [{"method",
-      "runs", "accuracy_mean", "accuracy_std", "seconds"}], "method_outputs", "seconds"}``;
-      ``method_outputs`` holds, per method, what its runs learned besides their networks
-      (L2T-ww's where-weights heat map), as drawn in the figure.
-    - With ``checkpoint_dir``, every run is checkpointed after every epoch (and when done);
-      ``resume=True`` skips finished runs and continues unfinished ones, with the same
-      result as an uninterrupted run. Resuming with a different config is a ValueError.
+    - ``output_dir`` becomes this job's folder (``l2t_fast.jobs.runs``): ``job.json`` first,
+      then ``results.json`` (strict JSON, rewritten after every finished run, so that a
+      failure late in a job keeps what was done), ``results.png``, every run's trained
+      network in ``models/``. A folder of another job is refused; ``resume=True`` continues
+      the job there: finished runs are reused, unfinished ones continue from their last
+      checkpoint (the same result as an uninterrupted run), and new methods or seeds run.
+    - Every run is checkpointed after every epoch into ``checkpoint_dir`` (default
+      ``output_dir/checkpoints``), keeping the previous checkpoint too.
+    - A run whose loss or parameters turn non-finite stops there and is marked ``diverged``
+      (with the epoch and step); the job goes on with the others.
+    - Returns ``{"config", "source", "runs": [{"method", "seed", "status", "test_accuracy",
+      "seconds", "train_loss", "outputs", ...}], "summary": [...], "method_outputs",
+      "seconds", "complete"}``; ``method_outputs`` holds, per method, what its runs learned
+      besides their networks (L2T-ww's where-weights heat map), as drawn in the figure.
     - ``on_epoch(metrics)``, if given, is called after each epoch with ``{"method", "seed",
       "epoch", "epochs", "train_loss", "train_accuracy", "test_accuracy"}`` (the accuracy on
       the held-out target test split).
@@ -103,16 +129,31 @@ def run_transfer(config, *, output_dir, checkpoint_dir=None, resume=False, progr
 
     from l2t_fast.jobs import report
 
-    config = resolve_config(config)
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs a checkpoint_dir to resume from")
+    config, device = prepare(config)
+    output_dir = os.fspath(output_dir)
+    checkpoint_dir = os.fspath(checkpoint_dir or os.path.join(output_dir, "checkpoints"))
+    runs_module.claim(output_dir, config, resume)
+    if os.path.realpath(checkpoint_dir) != os.path.realpath(
+            os.path.join(output_dir, "checkpoints")):
+        runs_module.claim(checkpoint_dir, config, resume)
     started = time.perf_counter()
-    device = _device(config["device"])
     data = load_data(config["data"], config["data_root"], config["image_size"],
                      config["scenario"])
     show = progress and sys.stderr.isatty()
     source, source_info = source_model(config, data, device, show)
-    job = _Job(config, data, device, source, checkpoint_dir, resume, on_epoch)
+    job = _Job(config, data, device, source, output_dir, checkpoint_dir, on_epoch)
+
+    def results(runs, complete):
+        return {
+            "config": config,
+            "source": source_info,
+            "runs": runs,
+            "summary": summarise(runs, config["methods"]),
+            "method_outputs": _method_outputs(runs, config["methods"], job.source_layers,
+                                              job.target_layers),
+            "seconds": time.perf_counter() - started,
+            "complete": complete,
+        }
 
     runs = []
     total = len(config["methods"]) * len(config["seeds"]) * config["epochs"]
@@ -120,48 +161,70 @@ def run_transfer(config, *, output_dir, checkpoint_dir=None, resume=False, progr
         for method in config["methods"]:
             for seed in config["seeds"]:
                 runs.append(job.run(method, seed, bar))
-
-    results = {
-        "config": config,
-        "source": source_info,
-        "runs": runs,
-        "summary": summarise(runs, config["methods"]),
-        "method_outputs": _method_outputs(runs, config["methods"], job.source_layers,
-                                          job.target_layers),
-        "seconds": time.perf_counter() - started,
-    }
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "results.json"), "w") as file:
-        json.dump(results, file, indent=2)
-    report.plot(results, os.path.join(output_dir, "results.png"))
-    return results
+                runs_module.write_json(os.path.join(output_dir, "results.json"),
+                                       results(runs, complete=False))
+    final = results(runs, complete=True)
+    runs_module.write_json(os.path.join(output_dir, "results.json"), final)
+    report.plot(final, os.path.join(output_dir, "results.png"))
+    return json.loads(json.dumps(runs_module.finite(final)))
 
 
 def summarise(runs, method_names):
-    """Per method: mean and sample standard deviation of test accuracy over seeds, mean time."""
+    """Per method: over its finished runs, the mean and sample standard deviation of test
+    accuracy and the mean time; the count of diverged runs; and, for every method but
+    ``scratch`` when scratch ran, the paired difference to scratch over the seeds both
+    finished: its mean and 95% confidence interval (Student's t over the seed-wise
+    differences; none from a single seed)."""
+    from scipy import stats
+
+    finished = {(r["method"], r["seed"]): r["test_accuracy"] for r in runs
+                if r["status"] == "finished"}
     summary = []
     for method in method_names:
-        accuracies = [r["test_accuracy"] for r in runs if r["method"] == method]
-        seconds = [r["seconds"] for r in runs if r["method"] == method]
-        summary.append({
+        mine = [r for r in runs if r["method"] == method]
+        accuracies = [finished[method, r["seed"]] for r in mine if (method, r["seed"]) in finished]
+        row = {
             "method": method,
             "runs": len(accuracies),
-            "accuracy_mean": float(np.mean(accuracies)),
+            "diverged": sum(r["status"] == "diverged" for r in mine),
+            "accuracy_mean": float(np.mean(accuracies)) if accuracies else None,
             "accuracy_std": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
-            "seconds": float(np.mean(seconds)),
-        })
+            "seconds": float(np.mean([r["seconds"] for r in mine])) if mine else None,
+        }
+        if method != "scratch" and "scratch" in method_names:
+            differences = [finished[method, r["seed"]] - finished["scratch", r["seed"]]
+                           for r in mine if (method, r["seed"]) in finished
+                           and ("scratch", r["seed"]) in finished]
+            paired = {"seeds": len(differences), "mean": None, "low": None, "high": None}
+            if differences:
+                paired["mean"] = float(np.mean(differences))
+            if len(differences) > 1:
+                half = (stats.t.ppf(0.975, len(differences) - 1)
+                        * np.std(differences, ddof=1) / np.sqrt(len(differences)))
+                paired["low"] = float(paired["mean"] - half)
+                paired["high"] = float(paired["mean"] + half)
+            row["vs_scratch"] = paired
+        summary.append(row)
     return summary
 
 
 def _method_outputs(runs, method_names, source_layers, target_layers):
-    """Each method's summary of its runs' ``outputs`` (``Method.combine_outputs``)."""
+    """Each method's summary of its finished runs' ``outputs`` (``Method.combine_outputs``)."""
     combined = {}
     for name in method_names:
-        outputs = [r["outputs"] for r in runs if r["method"] == name and r["outputs"]]
+        outputs = [r["outputs"] for r in runs
+                   if r["method"] == name and r["status"] == "finished" and r["outputs"]]
         if outputs:
             combined[name] = methods.spec(name).cls.combine_outputs(outputs, source_layers,
                                                                     target_layers)
     return combined
+
+
+def _parameters_finite(optimizer):
+    """Whether every parameter the optimizer moves is finite: one reduction, one sync."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norms = torch._foreach_norm([p.detach() for p in params])
+    return bool(torch.isfinite(torch.stack(norms)).all())
 
 
 # ---- one (method, seed) run ---------------------------------------------------------------
@@ -169,31 +232,40 @@ def _method_outputs(runs, method_names, source_layers, target_layers):
 class _Job:
     """What the runs share: config, data on the device, the source network, the layers."""
 
-    def __init__(self, config, data, device, source, checkpoint_dir, resume, on_epoch):
+    def __init__(self, config, data, device, source, output_dir, checkpoint_dir, on_epoch):
         self.config, self.device = config, device
         self.pool_labels = data.pool_labels  # on the CPU: labelled subsets are drawn there
         self.data = data.to(device)
         self.source_model = source
-        self.checkpoint_dir, self.resume, self.on_epoch = checkpoint_dir, resume, on_epoch
+        self.output_dir, self.checkpoint_dir, self.on_epoch = output_dir, checkpoint_dir, on_epoch
         self.example = self.data.example_input()
         self.source_layers = config["source_layers"] or suggest_layers(source, self.example)
         target = build_model(config["target_model"], data.num_classes)
         self.target_layers = config["target_layers"] or suggest_layers(target, self.example.cpu())
-        self.config_json = json.dumps(config, sort_keys=True)
+        # what a run's checkpoint must match: the config but for the methods and seeds run
+        run_config = {k: v for k, v in config.items() if k not in runs_module.EXTENDABLE}
+        self.run_config_json = json.dumps(run_config, sort_keys=True)
+        self.config_hash = hashlib.sha256(self.run_config_json.encode()).hexdigest()[:16]
 
     def _checkpoint_path(self, method, seed):
         return os.path.join(self.checkpoint_dir, f"{method}-seed{seed}.pt")
 
     def _saved_state(self, method, seed):
-        if not (self.resume and os.path.exists(self._checkpoint_path(method, seed))):
+        path = self._checkpoint_path(method, seed)
+        state = checkpoint.load_latest(path, "checkpoint",
+                                       "delete it (and its .previous.pt) to rerun that run")
+        if state is None:
             return None
-        state = checkpoint.load(self._checkpoint_path(method, seed))
-        if state["config"] != self.config_json:
+        if (state.get("method"), state.get("seed")) != (method, seed):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path!r} is of {state.get('method')} seed {state.get('seed')}, not "
+                f"{method} seed {seed}: it was moved or copied there; delete it")
+        if state.get("config_hash") != self.config_hash:
             saved = json.loads(state["config"])
-            differ = sorted(k for k in set(saved) | set(self.config)
-                            if saved.get(k) != self.config.get(k))
-            raise ValueError(f"cannot resume {self._checkpoint_path(method, seed)}: it was made "
-                             f"with a different config (keys {differ} differ)")
+            differ = runs_module.differing_keys(saved, json.loads(self.run_config_json))
+            raise checkpoint.CheckpointError(
+                f"cannot resume {path!r}: it was made with a different config (keys {differ} "
+                f"differ)")
         return state
 
     def _batches(self, chosen, generator, extras_generator, needs):
@@ -242,16 +314,28 @@ class _Job:
         for epoch in range(start_epoch, config["epochs"]):
             started = time.perf_counter()
             _set_lr(method.optimizer, config["lr"], epoch, config["epochs"])
-            losses = [method.train_step(batch) for batch in
-                      self._batches(chosen, generator, extras_generator, needs)]
+            losses = []
+            for step, batch in enumerate(self._batches(chosen, generator, extras_generator,
+                                                       needs)):
+                try:
+                    loss = method.train_step(batch)
+                except FloatingPointError as error:  # a method's own check (Diverged)
+                    return self._diverged(method_name, seed, epoch, step, str(error),
+                                          history, seconds, bar)
+                if not all(math.isfinite(value) for value in loss.values()):
+                    return self._diverged(method_name, seed, epoch, step,
+                                          f"non-finite loss {loss}", history, seconds, bar)
+                losses.append(loss)
+            if not _parameters_finite(method.optimizer):
+                return self._diverged(method_name, seed, epoch, len(losses) - 1,
+                                      "a parameter turned non-finite", history, seconds, bar)
             seconds += time.perf_counter() - started
             history.append(float(np.mean([loss["loss"] for loss in losses])))
-            if self.checkpoint_dir is not None:
-                self._save(method_name, seed, {
-                    "finished": False, "epoch": epoch + 1, "method_state": method.state_dict(),
-                    "rng": checkpoint.rng_state(), "data_generator": generator.get_state(),
-                    "extras_generator": extras_generator.get_state(),
-                    "history": history, "seconds": seconds})
+            self._save(method_name, seed, {
+                "finished": False, "epoch": epoch + 1, "method_state": method.state_dict(),
+                "rng": checkpoint.rng_state(), "data_generator": generator.get_state(),
+                "extras_generator": extras_generator.get_state(),
+                "history": history, "seconds": seconds})
             bar.update(1)
             bar.set_postfix(method=method_name, seed=seed, loss=f"{history[-1]:.3f}")
             if self.on_epoch is not None:
@@ -261,18 +345,32 @@ class _Job:
                     "train_accuracy": evaluate(method.model, *self.data.labelled(chosen)),
                     "test_accuracy": evaluate(method.model, self.data.test_batches())})
 
-        result = {"method": method_name, "seed": seed,
+        result = {"method": method_name, "seed": seed, "status": "finished",
                   "test_accuracy": evaluate(method.model, self.data.test_batches()),
                   "seconds": seconds, "train_loss": history,
                   "outputs": method.outputs(self.data.probe_images(512))}
-        if self.checkpoint_dir is not None:
-            self._save(method_name, seed, {"finished": True, "result": result,
-                                           "method_state": method.state_dict()})
+        runs_module.save_model(self.output_dir, method_name, seed, method.model, config,
+                               self.data.num_classes)
+        self._save(method_name, seed, {"finished": True, "result": result,
+                                       "method_state": method.state_dict()})
+        return result
+
+    def _diverged(self, method_name, seed, epoch, step, reason, history, seconds, bar):
+        """The result of a run that stopped on a non-finite loss or parameter (kept, so
+        that a resumed job does not run it again)."""
+        result = {"method": method_name, "seed": seed, "status": "diverged",
+                  "diverged": {"epoch": epoch + 1, "step": step + 1, "reason": reason},
+                  "test_accuracy": None, "seconds": seconds, "train_loss": history,
+                  "outputs": {}}
+        self._save(method_name, seed, {"finished": True, "result": result})
+        bar.update(self.config["epochs"] - epoch)
         return result
 
     def _save(self, method, seed, state):
-        checkpoint.save_atomic({"config": self.config_json, **state},
-                               self._checkpoint_path(method, seed))
+        checkpoint.save_atomic({"method": method, "seed": seed,
+                                "config_hash": self.config_hash,
+                                "config": self.run_config_json, **state},
+                               self._checkpoint_path(method, seed), keep_previous=True)
 
 
 def _set_lr(optimizer, base_lr, epoch, epochs):
@@ -288,29 +386,46 @@ def add_arguments(parser):
     """``l2t-fast transfer``: a flag per row of the option table, and where results go."""
     parser.description = ("Train every transfer method on the target task for several seeds "
                           "and compare test accuracies. With no options: the embedded digits "
-                          "job (a few minutes on 2 CPU cores).")
+                          "job (a few minutes on 2 CPU cores). Each job gets a fresh folder "
+                          "OUTPUT_DIR/<date-time> (OUTPUT_DIR/latest points at the newest).")
     options.add_arguments(parser)
-    parser.add_argument("--output-dir", default="l2t_fast_results",
-                        help="where results.json and results.png go (default: l2t_fast_results)")
+    parser.add_argument("--output-dir", default=os.path.join("runs", "transfer"),
+                        help="where job folders go (default: runs/transfer)")
     parser.add_argument("--checkpoint-dir", default=None,
-                        help="checkpoint every run here after every epoch")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from --checkpoint-dir: finished runs are reused")
+                        help="checkpoint every run here after every epoch (default: the job "
+                             "folder's checkpoints/)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="JOB",
+                        help="continue a job folder (default: OUTPUT_DIR/latest): finished runs "
+                             "are reused, unfinished ones continue, new --methods or --seeds "
+                             "run too")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(args):
-    """Run ``l2t-fast transfer``: the job, then its table on stdout."""
+    """Run ``l2t-fast transfer``: the job in a fresh (or the resumed) job folder, then its
+    table on stdout. Exit status 1 when some runs diverged."""
     from l2t_fast.jobs import report
 
-    results = run_transfer(options.from_arguments(args), output_dir=args.output_dir,
-                           checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                           progress=not args.quiet)
+    config = options.from_arguments(args)
+    prepare(config)  # a bad option, device or backend fails before any folder is made
+    if args.resume is not None:
+        folder = runs_module.folder_to_resume(
+            args.output_dir, None if args.resume == "latest" else args.resume)
+    else:
+        folder = runs_module.new_run_folder(args.output_dir)
+    print(f"job folder: {folder}", flush=True)
+    results = run_transfer(config, output_dir=folder, checkpoint_dir=args.checkpoint_dir,
+                           resume=args.resume is not None, progress=not args.quiet)
     source = results["source"]
     if "test_accuracy" in source:
         print(f"source {source['model']}: {100 * source['test_accuracy']:.2f}% on held-out "
               f"source images ({'cached' if source['cached'] else 'pretrained now'})")
     print(report.format_table(results["summary"]))
-    print(f"total {results['seconds']:.1f} s; results in {args.output_dir}/results.json "
-          f"and results.png")
-    return 0
+    print(f"total {results['seconds']:.1f} s; results in {folder}/results.json and "
+          f"results.png")
+    diverged = [r for r in results["runs"] if r["status"] == "diverged"]
+    for run in diverged:
+        where = run["diverged"]
+        print(f"diverged: {run['method']} seed {run['seed']} at epoch {where['epoch']}, step "
+              f"{where['step']}: {where['reason']}", file=sys.stderr)
+    return 1 if diverged else 0
