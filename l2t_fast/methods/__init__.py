@@ -94,3 +94,12 @@ def build_method(name, setup, **options):
     values = {key: option.coerce(options.get(key, option.default))
               for key, option in taken.items()}
     return method.cls(setup.frozen_source(), **values)
+
+
+def markdown_table():
+    """The README's list of methods (docs/update_readme.py writes it, a test checks it)."""
+    lines = ["| method | family | what it does | needs |", "|---|---|---|---|"]
+    for name, method in registry().items():
+        needs = ", ".join(NEEDS[need] for need in sorted(method.needs)) or "-"
+        lines.append(f"| `{name}` | {method.family} | {method.summary} | {needs} |")
+    return "\n".join(lines)
