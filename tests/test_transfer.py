@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import l2t_fast
 from l2t_fast import checkpoint
 from l2t_fast.jobs import options
 from l2t_fast.jobs.transfer import resolve_config, run_transfer
@@ -308,3 +309,31 @@ def test_pretrained_source_does_not_depend_on_the_global_rng(tmp_path):
         weights.append(model.state_dict())
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_resume_is_exact_at_any_thread_count(tmp_path, threads):
+    """The compiled backend's reductions have a fixed order, so that an interrupted and
+    resumed run ends bit for bit as an uninterrupted one, whatever the thread count."""
+    if "cpu" not in l2t_fast.available_backends():
+        pytest.skip("needs the compiled extension")
+    config = tiny_config(tmp_path, methods=["fm"], epochs=3, backend="cpu", batch_size=10,
+                         labels_per_class=4)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        straight = run_transfer(config, output_dir=tmp_path / "a", progress=False)
+
+        def stop(metrics):
+            if metrics["epoch"] == 2:
+                raise Interrupted
+
+        with pytest.raises(Interrupted):
+            run_transfer(config, output_dir=tmp_path / "b", progress=False, on_epoch=stop)
+        resumed = run_transfer(config, output_dir=tmp_path / "b", resume=True, progress=False)
+    finally:
+        torch.set_num_threads(previous)
+    assert resumed["runs"][0]["train_loss"] == straight["runs"][0]["train_loss"]
+    a = torch.load(tmp_path / "a" / "checkpoints" / "fm-seed0.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "fm-seed0.pt", weights_only=True)
+    assert_same(a["method_state"], b["method_state"])
