@@ -8,8 +8,9 @@ from l2t_fast.methods.base import Method
 from l2t_fast.models import get_module, head_name, replace_head
 
 
-@register("l2-sp", order=16, summary="L2-SP: fine-tuning with alpha/2 ||w - w0||^2 on the "
-          "weights from the source and beta/2 ||w||^2 on the new head, no weight decay",
+@register("l2-sp", order=16, summary="L2-SP: fine-tuning whose weights from the source are "
+          "pulled towards their source values (alpha/2 times the squared distance) and whose "
+          "new head towards 0 (beta/2 times its squared norm), with no weight decay",
           options=[Option("l2sp_alpha", 0.01, Float(0),
                           "L2-SP: weight of the pull towards the source weights"),
                    Option("l2sp_beta", 0.01, Float(0),
