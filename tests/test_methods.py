@@ -20,21 +20,24 @@ LAYERS = ["layer1", "layer2", "layer3"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_setup(seed=0):
-    """A 4-class source, a 3-class target, and a batch with every extra a method may need."""
+def tiny_setup(seed=0, source_classes=4):
+    """A 4-class source (3, the target's classes, for methods that need shared labels), a
+    3-class target, and a batch with every extra a method may need."""
     torch.manual_seed(seed)
-    source = build_model("resnet8", 4).eval()
+    source = build_model("resnet8", source_classes).eval()
     target = build_model("resnet8", 3)
     x = torch.randn(12, 3, 8, 8)
     y = torch.arange(12) % 3
     batch = Batch(x, y, unlabelled=torch.randn(12, 3, 8, 8), source_x=torch.randn(12, 3, 8, 8),
-                  source_y=torch.arange(12) % 4)
+                  source_y=torch.arange(12) % source_classes)
     return source, target, batch
 
 
 def make(name, **options):
-    source, target, batch = tiny_setup()
-    setup = Setup(source, target, 3, LAYERS, LAYERS, batch.x[:2], num_source_classes=4)
+    source_classes = 3 if "shared_labels" in registry()[name].needs else 4
+    source, target, batch = tiny_setup(source_classes=source_classes)
+    setup = Setup(source, target, 3, LAYERS, LAYERS, batch.x[:2],
+                  num_source_classes=source_classes)
     taken = {option.name for option in registry()[name].options}
     if "backend" in taken:
         options.setdefault("backend", "reference")
