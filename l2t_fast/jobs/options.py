@@ -251,7 +251,13 @@ JOB_OPTIONS = (
     Option("target_model", "resnet14", Text(),
            "resnet8, resnet14, resnet20, torchvision:NAME or timm:NAME"),
     Option("source_checkpoint", None, Text(optional=True),
-           "state_dict file of the source model (needed unless --data digits)"),
+           "state_dict file of the source model, or a full checkpoint with one under "
+           "'model' or 'state_dict' (l2t-fast pretrain makes one; without it or "
+           "--source-weights the source is pretrained on the digits' source task)"),
+    Option("source_weights", None, Text(optional=True),
+           "pretrained weights of a torchvision or timm source model, loaded (and downloaded "
+           "on first use) by that library: torchvision's weight names (DEFAULT, "
+           "IMAGENET1K_V1) or a timm pretrained tag (DEFAULT, a1_in1k...)"),
     Option("source_epochs", 15, Int(1),
            "epochs to pretrain the source on the data's source task (then cached)"),
     Option("cache_dir", None, Text(optional=True),

@@ -18,14 +18,25 @@ SOURCE_KEY_OPTIONS = ("data", "scenario", "image_size", "source_model", "source_
 
 
 def source_model(config, data, device, show):
-    """The frozen source network and a dict about it: from ``source_checkpoint``, from the
-    cache, or pretrained now on the data's source task (and then cached)."""
+    """The frozen source network and a dict about it: from ``source_checkpoint``, from
+    ``source_weights`` (the library's pretrained weights), from the cache, or pretrained now
+    on the data's source task (and then cached)."""
+    if config["source_checkpoint"] is not None and config["source_weights"] is not None:
+        raise ValueError("give source_checkpoint (--source-checkpoint) or source_weights "
+                         "(--source-weights), not both")
     if config["source_checkpoint"] is not None:
         return load_source(config, device)
+    if config["source_weights"] is not None:
+        model = build_model(config["source_model"], None, weights=config["source_weights"],
+                            image_size=config["image_size"])
+        info = {"model": config["source_model"], "weights": config["source_weights"],
+                "cached": False}
+        return model.to(device).eval().requires_grad_(False), info
     if data.source_images is None:
         raise ValueError(f"data {config['data']!r} has no source task to pretrain on: give "
                          f"source_checkpoint (--source-checkpoint), a state_dict file of "
-                         f"{config['source_model']!r}")
+                         f"{config['source_model']!r} (l2t-fast pretrain makes one), or "
+                         f"source_weights (--source-weights) of a torchvision or timm model")
     path = cache_path(config)
     if os.path.exists(path):
         model = build_model(config["source_model"], data.num_source_classes)
@@ -51,14 +62,21 @@ def cache_path(config):
     return os.path.join(cache_dir, f"source-{config['source_model'].replace(':', '-')}-{key}.pt")
 
 
+# where full training checkpoints keep the model's weights, in the order they are looked for
+STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
+
+
 def load_source(config, device):
-    """The user's ``source_checkpoint`` (a state_dict, or a dict with one under "model")."""
+    """The user's ``source_checkpoint``: a state_dict, or a full checkpoint (a dict with the
+    state_dict under "model", "state_dict" or "model_state_dict", as ``l2t-fast pretrain``,
+    the common training scripts and Lightning-style code save it; a "module." prefix of
+    DataParallel is dropped)."""
     path = config["source_checkpoint"]
     if not os.path.isfile(path):
         raise ValueError(f"source_checkpoint {path!r} is not a file")
-    state = checkpoint.load(path)
-    state = state.get("model", state)
-    model = build_model(config["source_model"], 1)
+    state = state_dict_of(checkpoint.load(path, "source_checkpoint",
+                                          "give a state_dict saved with torch.save"), path)
+    model = build_model(config["source_model"], 1, image_size=config["image_size"])
     head_weight = state.get(head_name(model) + ".weight")
     if head_weight is None:
         raise ValueError(f"source_checkpoint {path!r} has no {head_name(model)}.weight: is it "
@@ -71,6 +89,24 @@ def load_source(config, device):
                          f"{error}") from error
     info = {"model": config["source_model"], "path": path, "cached": False}
     return model.to(device).eval().requires_grad_(False), info
+
+
+def state_dict_of(loaded, path):
+    """The model's state_dict inside what ``torch.load`` read from ``path``."""
+    if not isinstance(loaded, dict):
+        raise ValueError(f"source_checkpoint {path!r} holds a {type(loaded).__name__}, not a "
+                         f"state_dict: save model.state_dict()")
+    for key in STATE_DICT_KEYS:
+        if isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+            break
+    if not all(isinstance(value, torch.Tensor) for value in loaded.values()):
+        raise ValueError(f"source_checkpoint {path!r} is neither a state_dict nor a checkpoint "
+                         f"with one under {', '.join(STATE_DICT_KEYS)}; its keys: "
+                         f"{sorted(loaded)[:8]}")
+    if loaded and all(key.startswith("module.") for key in loaded):
+        loaded = {key[len("module."):]: value for key, value in loaded.items()}
+    return loaded
 
 
 def pretrain(model, config, data, show):

@@ -10,35 +10,96 @@ from l2t_fast.models.builtin import BUILTIN_MODELS, BasicBlock, SmallResNet  # n
 EXTERNAL_PREFIXES = ("torchvision:", "timm:")
 
 
-def build_model(name, num_classes, in_channels=3):
-    """A fresh, randomly initialised model by name.
+def build_model(name, num_classes, in_channels=3, *, weights=None, image_size=None):
+    """A model by name, randomly initialised unless ``weights`` names pretrained ones.
 
-    ``name`` is a built-in (``resnet8``, ``resnet14``, ``resnet20``), ``torchvision:NAME`` or
-    ``timm:NAME``; the last two need that package installed and take 3-channel input.
+    - ``name``: a built-in (``resnet8``, ``resnet14``, ``resnet20``), ``torchvision:NAME``
+      or ``timm:NAME``; the last two need that package installed and take 3-channel input.
+    - ``weights`` (torchvision and timm only): torchvision's weight names of the model
+      (``DEFAULT``, ``IMAGENET1K_V1``, ...) or a timm pretrained tag (``a1_in1k``, ...;
+      ``DEFAULT``: timm's default tag), loaded by that library, which downloads them in
+      normal use. ``num_classes=None`` keeps the pretrained head; any other count gets a
+      fresh head of that size.
+    - ``image_size``: the input size that timm models with a fixed patch grid (ViT, Swin)
+      are built for (their ``img_size``); other models ignore it.
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
+    if not (num_classes is None and weights is not None) and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if name in BUILTIN_MODELS:
+        if weights is not None:
+            raise ValueError(f"model {name!r} is built in and has no pretrained weights: give "
+                             f"a source checkpoint instead of weights {weights!r}")
         return SmallResNet(num_classes, BUILTIN_MODELS[name], in_channels)
-    for prefix in EXTERNAL_PREFIXES:
-        if name.startswith(prefix):
-            return _build_external(prefix[:-1], name[len(prefix):], num_classes)
+    if name.startswith("torchvision:"):
+        return _build_torchvision(name[len("torchvision:"):], num_classes, weights)
+    if name.startswith("timm:"):
+        return _build_timm(name[len("timm:"):], num_classes, weights, image_size)
     raise ValueError(f"unknown model {name!r}: use one of {sorted(BUILTIN_MODELS)}, "
                      f"'torchvision:NAME' or 'timm:NAME'")
 
 
-def _build_external(package, model_name, num_classes):
+def _library(package, model_name):
     try:
-        module = importlib.import_module(package)
+        return importlib.import_module(package)
     except ImportError as error:
         raise ValueError(f"model '{package}:{model_name}' needs the {package} package, which "
                          f"does not import here ({error}); pip install {package}") from error
-    if package == "timm":
-        return module.create_model(model_name, pretrained=False, num_classes=num_classes)
+
+
+def _offline(what, error):
+    return ValueError(f"could not get {what} ({type(error).__name__}: {error}); they are "
+                      f"downloaded on first use, which needs the network: offline, use "
+                      f"--source-checkpoint with a local state_dict file instead")
+
+
+def _build_torchvision(model_name, num_classes, weights):
+    torchvision = _library("torchvision", model_name)
+    if model_name not in torchvision.models.list_models():
+        raise ValueError(f"torchvision has no model {model_name!r}; it has e.g. "
+                         f"{', '.join(torchvision.models.list_models()[:8])}, ...")
+    if weights is None:
+        return torchvision.models.get_model(model_name, weights=None, num_classes=num_classes)
+    known = torchvision.models.get_model_weights(model_name).__members__
+    if weights not in known:
+        raise ValueError(f"torchvision model {model_name!r} has no weights {weights!r}; "
+                         f"choose from {', '.join(known)}")
     try:
-        return module.models.get_model(model_name, weights=None, num_classes=num_classes)
-    except ValueError as error:
-        raise ValueError(f"torchvision has no model {model_name!r}: {error}") from error
+        model = torchvision.models.get_model(model_name, weights=weights)
+    except OSError as error:  # urllib's URLError, a refused or absent connection
+        raise _offline(f"torchvision's {model_name} weights {weights}", error) from error
+    return model if num_classes is None else replace_head(model, num_classes)
+
+
+def _build_timm(model_name, num_classes, weights, image_size):
+    timm = _library("timm", model_name)
+    if not timm.is_model(model_name):
+        raise ValueError(f"timm has no model {model_name!r} (timm.list_models() lists them)")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if weights is not None:
+        tags = [name.partition(".")[2] for name in timm.list_pretrained(model_name + ".*")]
+        if weights != "DEFAULT" and weights not in tags:
+            raise ValueError(f"timm model {model_name!r} has no pretrained tag {weights!r}; "
+                             f"choose DEFAULT or one of {', '.join(tags) or '(none)'}")
+        if not tags:
+            raise ValueError(f"timm model {model_name!r} has no pretrained weights")
+        model_name = model_name if weights == "DEFAULT" else f"{model_name}.{weights}"
+    try:
+        return _create_timm(timm, model_name, weights is not None, image_size, kwargs)
+    except OSError as error:  # huggingface_hub's and urllib's errors are OSErrors
+        raise _offline(f"timm's pretrained weights of {model_name}", error) from error
+
+
+def _create_timm(timm, model_name, pretrained, image_size, kwargs):
+    """``timm.create_model``, with ``img_size=image_size`` for the models that take one."""
+    if image_size is not None:
+        try:
+            return timm.create_model(model_name, pretrained=pretrained, img_size=image_size,
+                                     **kwargs)
+        except TypeError as error:  # a model without a fixed input size (a CNN)
+            if "img_size" not in str(error):
+                raise
+    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
 
 
 def head_name(model):

@@ -9,6 +9,8 @@ from functools import partial
 
 import torch
 
+from l2t_fast.models.feature_maps import to_feature_map
+
 
 class _EnoughFeatures(Exception):
     """Raised by the last needed hook to end a forward pass early (see ``FeatureHooks.run``)."""
@@ -50,7 +52,7 @@ class FeatureHooks:
                          for name in dict.fromkeys(self.layer_names)]
 
     def _store(self, name, module, inputs, output):
-        self._features[name] = output
+        self._features[name] = to_feature_map(self.model, name, output)
         self._calls[name] = self._calls.get(name, 0) + 1
         if self._stop_early and self._calls == self._calls_in_full_pass:
             raise _EnoughFeatures

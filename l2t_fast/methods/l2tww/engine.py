@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from l2t_fast.methods.l2tww.batchnorm import fused_batch_norm
 from l2t_fast.models.hooks import FeatureHooks, feature_channels
@@ -203,10 +204,11 @@ class L2TWW:
 
     def _run_target(self, theta, x, stop_early=False):
         """Target forward with lookahead parameters ``theta``; BatchNorm gets buffer copies
-        and, where it can, the fused double backward (``l2t_fast.methods.l2tww.batchnorm``)."""
+        and, where it can, the fused double backward (``l2t_fast.methods.l2tww.batchnorm``).
+        Attention runs as plain math: the fused kernels have no double backward or jvp."""
         tensors = dict(zip(self._target_names, theta))
         tensors.update((n, b.clone()) for n, b in self.target_model.named_buffers())
-        with fused_batch_norm():
+        with fused_batch_norm(), sdpa_kernel(SDPBackend.MATH):
             return self._target_hooks.run(functional_call, self.target_model, tensors, (x,),
                                           stop_early=stop_early)
 
