@@ -9,7 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
-from l2t_fast.analysis import MinibatchCKA, cka, cka_matrix, cka_over_loader
+from l2t_fast.analysis import (MinibatchCKA, barrier, block_shuffle, cka, cka_matrix,
+                              cka_over_loader, domain_distance, interpolation, loss_and_accuracy,
+                              mistake_overlap, module_criticality, parameter_distance)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -223,3 +225,218 @@ def test_cka_over_loader_runs_both_models_once_per_batch_and_restores_modes():
     # the same model on both sides, on its own layers: ones on the diagonal
     same = cka_over_loader(a, a, [images], layers, layers)
     torch.testing.assert_close(same.diagonal(), torch.ones(2, dtype=torch.float64))
+
+
+# ---- basins: distances, interpolation, criticality -------------------------------------------
+
+def tiny_network(seed, classes=3):
+    from l2t_fast.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model("resnet8", classes).eval()
+
+
+def tiny_data(count=24, classes=3, seed=0):
+    return random(count, 3, 8, 8, seed=seed), torch.arange(count) % classes
+
+
+def test_parameter_distance_per_module_and_total():
+    a, b = tiny_network(0), tiny_network(1)
+    result = parameter_distance(a, b)
+    assert list(result["modules"]) == ["stem", "layer1", "layer2", "layer3", "fc"]
+    for module, value in result["modules"].items():
+        pa = torch.cat([p.flatten() for n, p in a.named_parameters() if n.startswith(module)])
+        pb = torch.cat([p.flatten() for n, p in b.named_parameters() if n.startswith(module)])
+        assert value == pytest.approx((pa.double() - pb.double()).norm().item(), rel=1e-12)
+    everything = torch.cat([(p.double() - q.double()).flatten()
+                            for p, q in zip(a.parameters(), b.parameters())])
+    assert result["total"] == pytest.approx(everything.norm().item(), rel=1e-12)
+    # buffers do not count
+    b.layer1[0].bn1.running_mean.add_(5.0)
+    assert parameter_distance(a, b)["total"] == result["total"]
+    assert parameter_distance(a, a)["total"] == 0.0
+    assert parameter_distance(a, b, modules=["layer2"])["modules"].keys() == {"layer2"}
+
+
+def test_parameter_distance_refuses_two_architectures():
+    with pytest.raises(ValueError, match=r"fc.weight is \(3, 64\) in a but \(4, 64\) in b"):
+        parameter_distance(tiny_network(0), tiny_network(0, classes=4))
+    from l2t_fast.models import build_model
+
+    with pytest.raises(ValueError, match="not one architecture"):
+        parameter_distance(tiny_network(0), build_model("resnet14", 3))
+    with pytest.raises(ValueError, match="'layer9' is not a module"):
+        parameter_distance(tiny_network(0), tiny_network(1), modules=["layer9"])
+
+
+def test_barrier_is_the_largest_rise_above_the_chord():
+    assert barrier([1.0, 3.0, 1.0]) == 2.0
+    assert barrier([0.0, 2.0, 0.0, 0.0, 4.0]) == pytest.approx(2.0 - 1.0)
+    assert barrier([2.0, 1.0, 0.0]) == 0.0
+    assert barrier([1.0, 0.2, 0.3, 1.0]) == 0.0
+    with pytest.raises(ValueError, match="at least 2 points"):
+        barrier([1.0])
+
+
+def averaged_network(a, b, t):
+    """Independent: every floating tensor of the state mixed by hand, into a fresh network."""
+    mixed = tiny_network(99)
+    state_a, state_b = a.state_dict(), b.state_dict()
+    mixed.load_state_dict({k: (1 - t) * v + t * state_b[k] if v.is_floating_point() else v
+                           for k, v in state_a.items()})
+    return mixed
+
+
+def test_interpolation_moves_the_whole_state_batchnorm_statistics_included():
+    a, b = tiny_network(0), tiny_network(1)
+    with torch.no_grad():  # different BatchNorm statistics, so that they matter
+        for module in b.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    data = tiny_data()
+    result = interpolation(a, b, data, points=5)
+    assert result["t"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    for t, loss, accuracy in zip(result["t"], result["loss"], result["accuracy"]):
+        expected = loss_and_accuracy(averaged_network(a, b, t), data)
+        assert loss == pytest.approx(expected[0], rel=1e-6)
+        assert accuracy == expected[1]
+    assert result["loss_barrier"] == pytest.approx(barrier(result["loss"]))
+    assert result["error_barrier"] == pytest.approx(barrier([1 - x for x in result["accuracy"]]))
+    # mixing parameters alone would give another network
+    params_only = averaged_network(a, b, 0.5)
+    params_only.load_state_dict({**params_only.state_dict(), **{
+        k: v for k, v in a.state_dict().items() if "running" in k}})
+    assert loss_and_accuracy(params_only, data)[0] != pytest.approx(result["loss"][2], rel=1e-6)
+    flat = interpolation(a, a, data, points=3)
+    assert flat["loss_barrier"] == 0.0 and len(set(flat["loss"])) == 1
+
+
+def test_interpolation_errors():
+    with pytest.raises(ValueError, match="points must be an int >= 2"):
+        interpolation(tiny_network(0), tiny_network(1), tiny_data(), points=1)
+    with pytest.raises(ValueError, match="not one architecture"):
+        interpolation(tiny_network(0), tiny_network(0, classes=4), tiny_data())
+
+
+class Linear(torch.nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.head = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(weight)
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def test_module_criticality_against_a_hand_computed_grid():
+    """A linear classifier whose rewound weights (zero) cannot classify: the grid's errors at
+    a vanishing noise are those of the rewound classifiers, and the measure is the minimum of
+    alpha^2 ||W_F - W_0||^2 / sigma^2 over the cells within epsilon."""
+    points = random(40, 2, seed=3)
+    labels = (points[:, 0] > 0).long()
+    trained = Linear(torch.tensor([[-4.0, 0.0], [4.0, 0.0]]))
+    initial = Linear(torch.tensor([[0.0, 1.0], [0.0, -1.0]]))
+    alphas, sigmas = [0.0, 0.5, 1.0], [1e-9, 1e-8]
+    result = module_criticality(trained, initial, (points, labels), alphas=alphas,
+                                sigmas=sigmas, epsilon=0.05)
+    cell = result["modules"]["head"]
+    assert result["base_error"] == 0.0
+    expected_errors = []
+    for alpha in alphas:
+        weight = (1 - alpha) * initial.head.weight + alpha * trained.head.weight
+        prediction = (points @ weight.detach().T).argmax(1)
+        expected_errors.append((prediction != labels).float().mean().item())
+    assert cell["error"][0] == pytest.approx(expected_errors)
+    assert expected_errors[0] > 0.3 and expected_errors[2] == 0.0
+    squared = (trained.head.weight - initial.head.weight).square().sum().item()
+    assert cell["distance"] == pytest.approx(squared ** 0.5)
+    scale = torch.cat([trained.head.weight.flatten(), trained.head.bias]).square().mean().sqrt()
+    assert cell["sigma_scale"] == pytest.approx(scale.item())
+    feasible = [alpha ** 2 * squared / (sigma * cell["sigma_scale"]) ** 2
+                for row, sigma in zip(cell["error"], sigmas)
+                for alpha, error in zip(alphas, row) if error <= 0.05]
+    assert cell["criticality"] == pytest.approx(min(feasible))
+    assert trained.head.weight[0, 0].item() == -4.0  # the network itself is untouched
+
+
+def test_module_criticality_of_an_untrained_network_is_zero_and_noise_hurts():
+    network = tiny_network(0)
+    data = tiny_data(48)
+    result = module_criticality(network, network, data, modules=["layer1", "fc"],
+                                alphas=[1.0], sigmas=[1e-6, 50.0], draws=2)
+    for module in ("layer1", "fc"):
+        cell = result["modules"][module]
+        assert cell["distance"] == 0.0 and cell["criticality"] == 0.0
+        assert cell["error"][0][0] == pytest.approx(result["base_error"])
+    with pytest.raises(ValueError, match=r"alphas must be numbers in \[0, 1\]"):
+        module_criticality(network, network, data, alphas=[1.5])
+    with pytest.raises(ValueError, match="sigmas must be numbers > 0"):
+        module_criticality(network, network, data, sigmas=[0.0])
+
+
+# ---- reuse: block shuffle, common mistakes, domain distance ---------------------------------
+
+def test_block_shuffle_moves_whole_blocks_by_one_permutation():
+    # each 2x2 block of a 6x4 image holds its own index; two images, two channels
+    index = torch.arange(6).reshape(3, 2).repeat_interleave(2, 0).repeat_interleave(2, 1)
+    images = torch.stack([index, index + 100]).float()[:, None].repeat(1, 2, 1, 1)
+    shuffled = block_shuffle(images, 2, seed=4)
+    blocks = shuffled.reshape(2, 2, 3, 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(2, 2, 6, 4)
+    assert (blocks == blocks[..., :1]).all()  # every block stays whole
+    order = blocks[0, 0, :, 0].long()
+    assert sorted(order.tolist()) == list(range(6)) and order.tolist() != list(range(6))
+    assert (blocks[1, 0, :, 0] == order + 100).all() and (blocks[:, 1] == blocks[:, 0]).all()
+    assert torch.equal(block_shuffle(images, 2, seed=4), shuffled)
+    assert torch.equal(block_shuffle(images[..., :4, :], 4), images[..., :4, :])  # one block
+    pixels = block_shuffle(images, 1)
+    assert torch.equal(pixels.flatten(2).sort(2).values, images.flatten(2).sort(2).values)
+    with pytest.raises(ValueError, match="dividing the image size 6x4"):
+        block_shuffle(images, 4)
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        block_shuffle(images[0], 2)
+
+
+class FixedPredictions(torch.nn.Module):
+    """Predicts ``predictions[i]`` for the sample whose single feature is ``i``."""
+
+    def __init__(self, predictions):
+        super().__init__()
+        self.register_buffer("logits", torch.nn.functional.one_hot(torch.tensor(predictions), 3)
+                             .float())
+
+    def forward(self, x):
+        return self.logits[x[:, 0].long()]
+
+
+def test_mistake_overlap_counts_common_mistakes():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    x = torch.arange(6.0)[:, None]
+    a = FixedPredictions([0, 1, 2, 1, 1, 0])   # wrong on 3, 5
+    b = FixedPredictions([1, 1, 2, 1, 1, 2])   # wrong on 0, 3
+    c = FixedPredictions([0, 1, 2, 0, 1, 2])   # never wrong
+    result = mistake_overlap({"a": a, "b": b, "c": c}, [(x[:4], labels[:4]), (x[4:], labels[4:])])
+    assert result["models"] == ["a", "b", "c"] and result["samples"] == 6
+    assert result["error"] == pytest.approx([2 / 6, 2 / 6, 0.0])
+    assert result["both_wrong"][0][1] == pytest.approx(1 / 6)
+    assert result["overlap"][0][1] == pytest.approx(1 / 3)   # {3} of {0, 3, 5}
+    assert result["overlap"][0][0] == 1.0 and result["overlap"][2][2] is None
+    assert result["overlap"][0][2] == 0.0
+    assert mistake_overlap([a, b], (x, labels))["models"] == ["0", "1"]
+    with pytest.raises(ValueError, match="at least 2 networks"):
+        mistake_overlap([a], (x, labels))
+
+
+def test_domain_distance_tells_apart_far_domains_not_alike_ones():
+    near = domain_distance(random(300, 5, seed=1), random(300, 5, seed=2))
+    far = domain_distance(random(300, 5, seed=1), random(300, 5, seed=2) + 3.0)
+    assert abs(near["distance"]) < 0.4 and far["distance"] > 1.9
+    assert far["distance"] == pytest.approx(2 * (1 - 2 * far["error"]))
+    maps = domain_distance(random(20, 2, 3, 3, seed=1), random(20, 2, 3, 3, seed=2) + 5)
+    assert maps["distance"] == 2.0
+    with pytest.raises(ValueError, match="source_feats has 5 features per sample, target_feats 4"):
+        domain_distance(random(10, 5), random(10, 4))
+    with pytest.raises(ValueError, match="source_feats has 3 samples"):
+        domain_distance(random(3, 5), random(10, 5))
