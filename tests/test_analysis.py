@@ -440,3 +440,147 @@ def test_domain_distance_tells_apart_far_domains_not_alike_ones():
         domain_distance(random(10, 5), random(10, 4))
     with pytest.raises(ValueError, match="source_feats has 3 samples"):
         domain_distance(random(3, 5), random(10, 5))
+
+
+# ---- the command: l2t-fast analyze on a tiny config -----------------------------------------
+
+TINY_JOB = {"image_size": 8, "source_model": "resnet8", "target_model": "resnet8",
+            "source_epochs": 1, "epochs": 1, "labels_per_class": 2, "device": "cpu"}
+TINY_ANALYSIS = {"analysis_images": 32, "cka_batch_size": 16, "interpolation_points": 3,
+                 "criticality_alphas": [0.0, 1.0], "criticality_sigmas": [0.1],
+                 "block_sizes": [8, 4]}
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    from l2t_fast.jobs.analyze import run_analysis
+
+    folder = tmp_path_factory.mktemp("analysis")
+    config = {**TINY_JOB, **TINY_ANALYSIS, "cache_dir": str(folder / "cache")}
+    return folder, run_analysis(config, output_dir=folder, progress=False)
+
+
+def test_analyze_runs_the_job_and_every_analysis(analysed):
+    folder, results = analysed
+    assert (folder / "analysis.png").stat().st_size > 0
+    assert (folder / "transfer" / "results.json").is_file()
+    import json
+
+    written = json.loads((folder / "analysis.json").read_text())
+    assert written["skipped"] == {} and results["skipped"] == {}
+    assert set(written) >= {"cka", "distance", "interpolation", "criticality", "block_shuffle",
+                            "mistakes", "domain"}
+    assert written["networks"] == {"scratch": [0, 1], "finetune": [0, 1], "l2t-ww": [0, 1]}
+    layers = ["layer1", "layer2", "layer3"]
+    cka_result = written["cka"]
+    assert cka_result["rows"] == layers and cka_result["columns"] == layers
+    assert np.array(cka_result["source_vs"]["scratch"]).shape == (3, 3)
+    assert np.array(cka_result["where_weights"]).shape == (3, 3)
+    assert set(cka_result["spearman_with_where_weights"]) == {"scratch", "l2t-ww"}
+    groups = written["distance"]["groups"]
+    assert set(groups) == {"finetune-finetune", "scratch-scratch", "finetune-scratch",
+                           "finetune-initial", "scratch-initial"}
+    assert len(groups["finetune-scratch"]) == 4 and len(groups["scratch-scratch"]) == 1
+    curves = written["interpolation"]["curves"]
+    assert set(curves) == {"finetune-finetune", "scratch-scratch", "finetune-scratch"}
+    assert all(len(curve["loss"]) == 3 for curve in curves.values())
+    assert set(written["criticality"]) == {"finetune", "scratch"}
+    cell = written["criticality"]["finetune"]["modules"]["layer1"]
+    assert np.array(cell["error"]).shape == (1, 2)
+    shuffle = written["block_shuffle"]
+    assert shuffle["block_sizes"] == [8, 4] and len(shuffle["gain"]) == 2
+    assert (folder / "block_shuffle" / "block4-seed1" / "models" / "scratch-seed1.pt").is_file()
+    assert written["mistakes"]["models"] == ["scratch/0", "scratch/1", "finetune/0",
+                                             "finetune/1", "l2t-ww/0", "l2t-ww/1"]
+    assert written["domain"]["features"] == ["pixels"] + layers
+
+
+def test_the_unshuffled_block_run_is_the_jobs_own_run(analysed):
+    """Block size = image size shuffles nothing, so that run repeats the job's."""
+    folder, results = analysed
+    import json
+
+    job = json.loads((folder / "transfer" / "results.json").read_text())
+    accuracy = {(r["method"], r["seed"]): r["test_accuracy"] for r in job["runs"]}
+    expected = [np.mean([accuracy[method, s] for s in (0, 1)]) for method in ("finetune",)]
+    assert results["block_shuffle"]["accuracy"]["finetune"][0] == pytest.approx(expected[0])
+
+
+def test_the_initial_networks_are_those_the_job_started_from(tmp_path):
+    """With a vanishing learning rate the trained parameters stay the initial ones: the
+    rebuilt initial networks must equal them (a wrong seed or order would differ at once)."""
+    from l2t_fast.data import load_data
+    from l2t_fast.jobs import runs
+    from l2t_fast.jobs.analyze import initial_network
+    from l2t_fast.jobs.transfer import run_transfer
+
+    config = {**TINY_JOB, "methods": ["scratch", "finetune"], "seeds": [3], "lr": 1e-12,
+              "momentum": 0.0, "weight_decay": 0.0, "cache_dir": str(tmp_path / "cache")}
+    results = run_transfer(config, output_dir=tmp_path / "job", progress=False)
+    data = load_data("digits", None, 8, "task")
+    source = runs.load_source(tmp_path / "job")
+    layers = ["layer1", "layer2", "layer3"]
+    for method in ("scratch", "finetune"):
+        trained = runs.load_model(tmp_path / "job", method, 3)
+        initial = initial_network(results["config"], data, source, method, 3, layers, layers)
+        for (name, p), q in zip(trained.named_parameters(), initial.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-8, msg=f"{method} {name}")
+        other = initial_network(results["config"], data, source, method, 4, layers, layers)
+        assert not torch.equal(other.fc.weight, initial.fc.weight)
+
+
+def test_analyze_reads_a_job_folder_and_two_networks(analysed, tmp_path):
+    from l2t_fast.jobs.analyze import run_analysis
+
+    folder, _ = analysed
+    again = run_analysis({"results": str(folder / "transfer"), "analyses": ["distance", "cka"],
+                          **{k: TINY_ANALYSIS[k] for k in ("analysis_images", "cka_batch_size")}},
+                         output_dir=tmp_path / "again", progress=False)
+    assert set(again) & {"interpolation", "criticality", "block_shuffle"} == set()
+    assert again["distance"]["mean_total"] == pytest.approx(analysed[1]["distance"]["mean_total"])
+    np.testing.assert_allclose(again["cka"]["source_vs"]["scratch"],
+                               analysed[1]["cka"]["source_vs"]["scratch"], rtol=1e-9)
+
+    models = folder / "transfer" / "models"
+    source_file = next((folder / "cache").glob("source-*.pt"))
+    pair = run_analysis({"models": [str(models / "finetune-seed0.pt"),
+                                    str(models / "scratch-seed1.pt")],
+                         "image_size": 8, **TINY_ANALYSIS}, output_dir=tmp_path / "pair",
+                        progress=False)
+    assert set(pair) >= {"cka", "distance", "interpolation", "mistakes"}
+    assert set(pair["skipped"]) == {"criticality", "block_shuffle", "domain"}
+    assert pair["distance"]["total"] == pytest.approx(
+        analysed[1]["distance"]["groups"]["finetune-scratch"][1]["total"])
+    assert (tmp_path / "pair" / "analysis.png").is_file()
+    mixed = run_analysis({"models": ["resnet14", f"resnet8={source_file}"], "image_size": 8,
+                          "analyses": ["cka", "distance"], "analysis_images": 16},
+                         output_dir=tmp_path / "mixed", progress=False)
+    assert np.array(mixed["cka"]["matrix"]).shape == (3, 3)
+    assert "distance" in mixed["skipped"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "resnet8"], "models must name exactly 2 networks"),
+    (["--results", "x", "--epochs", "3"], "with results the job's own config is used"),
+    (["--models", "a", "b", "--results", "x"], "models or results, not both"),
+    (["--analyses", "cka", "colour"], "'colour' is not one of cka"),
+    (["--criticality-alphas", "2"], "--criticality-alphas: '2' is not a finite number >= 0 and <= 1"),
+])
+def test_analyze_refuses_bad_options(argv, message, capsys, tmp_path):
+    from l2t_fast import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["analyze", "--output-dir", str(tmp_path), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing made
+
+
+def test_analyze_options_are_in_the_one_table():
+    from l2t_fast.jobs import options
+
+    rows = options.analyze_table()
+    assert rows["seeds"].default == [0, 1] and options.table()["seeds"].default != [0, 1]
+    assert set(options.table()) < set(rows)
+    for option in options.ANALYZE_OPTIONS:
+        assert rows[option.name] is option
