@@ -55,8 +55,13 @@ def test_channels_last_models_are_permuted_and_others_left_alone():
     torch.testing.assert_close(result[1, :, 2, 3], maps[1, 2, 3])
 
 
+def test_features_of_a_linear_layer_are_a_1x1_map():
+    features = torch.randn(2, 8)
+    assert torch.equal(to_feature_map(nn.Identity(), "fc", features), features.view(2, 8, 1, 1))
+
+
 @pytest.mark.parametrize("output, message", [
-    (torch.randn(2, 8), r"'head' of Tokens outputs shape \[2, 8\]"),
+    (torch.randn(2, 8, 1, 1, 1), r"'head' of Tokens outputs shape \[2, 8, 1, 1, 1\]"),
     (torch.randn(2, 1 + 7, 4), r"'head' of Tokens outputs tokens of shape \[2, 8, 4\].*7 patch"),
     ((torch.randn(2, 3, 4, 4),), r"'head' of Tokens outputs a tuple"),
 ])

@@ -12,7 +12,8 @@ hooked output of layer L in model M becomes a map by this rule, and by nothing e
    0. The other N - P tokens are patches in row-major order on M's patch grid: the grid M
    was built for (timm's ``patch_embed.grid_size``, torchvision's ``image_size //
    patch_size``) when it has N - P cells, else a square grid when N - P is a square.
-3. Any other output (another rank, a tuple, a sequence that fits no grid) is a ValueError
+3. A 2-D output ``[B, C]`` (pooled features, logits) is a 1x1 map ``[B, C, 1, 1]``.
+4. Any other output (another rank, a tuple, a sequence that fits no grid) is a ValueError
    naming the layer and its shape.
 """
 import math
@@ -34,9 +35,11 @@ def to_feature_map(model, layer, output):
         prefix = prefix_tokens(model)
         height, width = _patch_grid(model, layer, output, tokens - prefix)
         return output[:, prefix:].transpose(1, 2).reshape(batch, channels, height, width)
+    if output.dim() == 2:
+        return output[:, :, None, None]
     raise ValueError(f"layer {layer!r} of {type(model).__name__} outputs shape "
                      f"{list(output.shape)}: a feature map must be [B, C, H, W] (or [B, H, W, C] "
-                     f"in a channels-last model) or a token sequence [B, N, C]")
+                     f"in a channels-last model), a token sequence [B, N, C] or features [B, C]")
 
 
 def is_channels_last(model):
