@@ -70,8 +70,8 @@ def test_the_recipe_command_runs_on_a_tiny_image_folder(tmp_path, monkeypatch):
     config = results["config"]
     assert config["source_weights"] == "IMAGENET1K_V1" and config["inner_steps"] == 2
     assert config["source_layers"] == ["layer1", "layer2", "layer3", "layer4"]
-    heat_map = results["method_outputs"]["l2t-ww"]
-    assert len(json.dumps(heat_map)) > 0
+    matrix = results["method_outputs"]["l2t-ww"]["where_weights"]["matrix"]
+    assert len(matrix) == 4 and all(len(row) == 4 and None not in row for row in matrix)
 
 
 def test_the_recipe_sweep_grid_expands_to_six_valid_trials(tmp_path):
