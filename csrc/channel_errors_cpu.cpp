@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <mutex>
 
 #include "channel_errors.h"
 
@@ -194,10 +193,16 @@ int64_t column_scratch_size(const Prepared& prep, const TargetGroup& group,
   return size;
 }
 
+// Sums over samples (the regressor and bias gradients) are taken per chunk of consecutive
+// samples, each chunk in sample order by whichever worker takes it, and the chunks' sums are
+// then added in chunk order: the result depends neither on scheduling nor on the number of
+// threads, so that a run (and a resumed run) is bit for bit reproducible.
+constexpr int64_t kSampleChunks = 16;
+
 // Visits every block (sample b, group g, positions [p0, p0 + len)) with D = S~ - W T - b
-// computed in `d` ([rows, len], contiguous). `visit(state, b, g, p0, len, d, scratch)` runs
-// on the worker that owns sample b; `State` holds that worker's private accumulators and
-// is merged with `finish(state)` under a lock.
+// computed in `d` ([rows, len], contiguous). `visit(state, b, g, p0, len, d, scratch)` gets
+// the private accumulators `State` of b's chunk; `finish(state)` merges them, chunk by chunk
+// in order, after all blocks are visited.
 template <typename scalar_t, typename State, typename MakeState, typename Visit,
           typename Finish>
 void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, MakeState make_state,
@@ -206,11 +211,13 @@ void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, MakeState
   const int64_t block_size = largest_block(prep);
   int64_t widest_source = 0;
   for (const auto& s : prep.source) widest_source = std::max(widest_source, s.size(3));
-  std::mutex merge;
-  at::parallel_for(0, plan.batch, 1, [&](int64_t begin, int64_t end) {
+  const int64_t chunks = std::min(plan.batch, kSampleChunks);
+  std::vector<State> states;
+  states.reserve(chunks);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) states.push_back(make_state());
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     // Thread-local, so each worker sets it again.
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    State state = make_state();
     at::Tensor buffer = at::empty({block_size}, prep.source[0].options());
     Scratch<scalar_t> scratch;
     scratch.between.resize(widest_source);
@@ -226,59 +233,61 @@ void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, MakeState
     }
     scratch.columns.resize(column_size);
     std::vector<const scalar_t*> columns_of(pair_source.size());  // per pair; null: `sample`
-    for (int64_t b = begin; b < end; ++b) {
-      for (size_t g = 0; g < plan.groups.size(); ++g) {
-        const auto& group = plan.groups[g];
-        const at::Tensor& t = prep.target[group.target];
-        const at::Tensor t_b = sample_matrix(t, b);
-        const int64_t hw = t.size(2) * t.size(3), tile = tile_length(t.size(2), t.size(3));
-        const scalar_t* bias = prep.bias_stack[g].data_ptr<scalar_t>();
-        scalar_t* columns = scratch.columns.data();
-        for (const int64_t i : group.pairs) {
-          const Resampler<scalar_t>& resample = scratch.resample[i];
-          columns_of[i] = nullptr;
-          if (!resample.columns_first()) continue;
-          const at::Tensor& s = prep.source[pair_source[i]];
-          const int64_t cs = s.size(1), plane = s.size(2) * s.size(3);
-          const int64_t resized = s.size(2) * t.size(3);
-          const scalar_t* s_b = s.data_ptr<scalar_t>() + b * cs * plane;
-          columns_of[i] = columns;
-          for (int64_t c = 0; c < cs; ++c, columns += resized) {
-            resample.resize_columns(s_b + c * plane, columns);
-          }
-        }
-        for (int64_t p0 = 0; p0 < hw; p0 += tile) {
-          const int64_t len = std::min(tile, hw - p0);
-          at::Tensor d = buffer.narrow(0, 0, group.rows * len).view({group.rows, len});
-          // D = (S~ - b) - W T: the resized source minus the bias goes in first, and the
-          // product is subtracted in place by the GEMM (beta = 1), one pass less over D.
-          scalar_t* d_data = d.data_ptr<scalar_t>();
-          for (size_t k = 0; k < group.pairs.size(); ++k) {
-            const int64_t i = group.pairs[k];
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      State& state = states[chunk];
+      for (int64_t b = chunk * plan.batch / chunks; b < (chunk + 1) * plan.batch / chunks; ++b) {
+        for (size_t g = 0; g < plan.groups.size(); ++g) {
+          const auto& group = plan.groups[g];
+          const at::Tensor& t = prep.target[group.target];
+          const at::Tensor t_b = sample_matrix(t, b);
+          const int64_t hw = t.size(2) * t.size(3), tile = tile_length(t.size(2), t.size(3));
+          const scalar_t* bias = prep.bias_stack[g].data_ptr<scalar_t>();
+          scalar_t* columns = scratch.columns.data();
+          for (const int64_t i : group.pairs) {
+            const Resampler<scalar_t>& resample = scratch.resample[i];
+            columns_of[i] = nullptr;
+            if (!resample.columns_first()) continue;
             const at::Tensor& s = prep.source[pair_source[i]];
             const int64_t cs = s.size(1), plane = s.size(2) * s.size(3);
-            const scalar_t* s_b = s.data_ptr<scalar_t>() + b * cs * plane;
             const int64_t resized = s.size(2) * t.size(3);
-            for (int64_t c = 0; c < cs; ++c) {
-              const int64_t r = group.row_offset[k] + c;
-              scalar_t* row = d_data + r * len;
-              if (columns_of[i]) {
-                scratch.resample[i].sample_rows(columns_of[i] + c * resized, p0, len, row);
-              } else {
-                scratch.resample[i].sample(s_b + c * plane, p0, len, row, scratch.between.data());
-              }
-              const scalar_t bias_r = bias[r];
-              for (int64_t j = 0; j < len; ++j) row[j] -= bias_r;
+            const scalar_t* s_b = s.data_ptr<scalar_t>() + b * cs * plane;
+            columns_of[i] = columns;
+            for (int64_t c = 0; c < cs; ++c, columns += resized) {
+              resample.resize_columns(s_b + c * plane, columns);
             }
           }
-          d.addmm_(prep.weight_stack[g], t_b.narrow(1, p0, len), 1, -1);
-          visit(state, b, g, p0, len, d, scratch);
+          for (int64_t p0 = 0; p0 < hw; p0 += tile) {
+            const int64_t len = std::min(tile, hw - p0);
+            at::Tensor d = buffer.narrow(0, 0, group.rows * len).view({group.rows, len});
+            // D = (S~ - b) - W T: the resized source minus the bias goes in first, and the
+            // product is subtracted in place by the GEMM (beta = 1), one pass less over D.
+            scalar_t* d_data = d.data_ptr<scalar_t>();
+            for (size_t k = 0; k < group.pairs.size(); ++k) {
+              const int64_t i = group.pairs[k];
+              const at::Tensor& s = prep.source[pair_source[i]];
+              const int64_t cs = s.size(1), plane = s.size(2) * s.size(3);
+              const scalar_t* s_b = s.data_ptr<scalar_t>() + b * cs * plane;
+              const int64_t resized = s.size(2) * t.size(3);
+              for (int64_t c = 0; c < cs; ++c) {
+                const int64_t r = group.row_offset[k] + c;
+                scalar_t* row = d_data + r * len;
+                if (columns_of[i]) {
+                  scratch.resample[i].sample_rows(columns_of[i] + c * resized, p0, len, row);
+                } else {
+                  scratch.resample[i].sample(s_b + c * plane, p0, len, row, scratch.between.data());
+                }
+                const scalar_t bias_r = bias[r];
+                for (int64_t j = 0; j < len; ++j) row[j] -= bias_r;
+              }
+            }
+            d.addmm_(prep.weight_stack[g], t_b.narrow(1, p0, len), 1, -1);
+            visit(state, b, g, p0, len, d, scratch);
+          }
         }
       }
     }
-    std::lock_guard<std::mutex> lock(merge);
-    finish(state);
   });
+  for (State& state : states) finish(state);
 }
 
 struct NoState {};

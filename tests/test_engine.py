@@ -56,14 +56,21 @@ ACTIVATIONS = {"relu6": F.relu6, "relu": F.relu, "softplus": F.softplus, "sigmoi
                "elu+1": lambda z: F.elu(z) + 1, "tanh+1": lambda z: torch.tanh(z) + 1}
 
 
-def independent_hypergradient(engine, x, y, activation, learn_where):
-    """d CE(theta_{T+1}) / d phi by a plain unroll of SGD with momentum and weight decay."""
+def tiny_source_features(model, x):
+    """TinyNet's hooked layers by calling its stages (eval mode)."""
+    h1 = model.layer1(x)
+    return [h1, model.layer2(h1)]
+
+
+def independent_hypergradient(engine, x, y, activation, learn_where, forward=tiny_forward,
+                              source_features=tiny_source_features):
+    """d CE(theta_{T+1}) / d phi by a plain unroll of SGD with momentum and weight decay;
+    ``forward(tensors, x)`` is the target in train mode, ``source_features(model, x)`` the
+    source's hooked layers."""
     group = engine.optimizer.param_groups[0]
     lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
     with torch.no_grad():
-        source_model = engine.source_model
-        s1 = source_model.layer1(x)
-        source = [s1, source_model.layer2(s1)]
+        source = source_features(engine.source_model, x)
     phi = {n: p.detach().clone().requires_grad_() for n, p in engine._meta_named}
     pooled = [source[m].mean((2, 3)) for m, _ in engine.pairs]
     channel_weights = [torch.softmax(g @ phi[f"what.layers.{i}.weight"].T
@@ -85,14 +92,14 @@ def independent_hypergradient(engine, x, y, activation, learn_where):
     num_pairs = len(engine.pairs)
 
     def matching(theta):
-        _, target = tiny_forward(theta, x)
+        _, target = forward(theta, x)
         weight = [theta[f"m.weight.{i}"] for i in range(num_pairs)]
         bias = [theta[f"m.bias.{i}"] for i in range(num_pairs)]
         return matching_loss(source, target, engine.pairs, weight, bias, channel_weights,
                              pair_weights, 0.5)
 
     def ce(theta):
-        return F.cross_entropy(tiny_forward(theta, x)[0], y)
+        return F.cross_entropy(forward(theta, x)[0], y)
 
     for loss_fn in [matching] * engine.inner_steps + [ce]:
         values = list(theta.values())
@@ -105,12 +112,12 @@ def independent_hypergradient(engine, x, y, activation, learn_where):
     return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(phi.items(), grads)}
 
 
-def make_engine(seed=0, steps_before=1, **kwargs):
+def make_engine(seed=0, steps_before=1, net=TinyNet, layers=LAYERS, **kwargs):
     torch.manual_seed(seed)
-    source, target = TinyNet((4, 6)).double(), TinyNet((3, 5)).double()
+    source, target = net((4, 6)).double(), net((3, 5)).double()
     options = dict(backend="reference", lr=0.1, momentum=0.9, weight_decay=1e-2)
     options.update(kwargs)
-    engine = L2TWW(source, target, LAYERS, LAYERS, **options)
+    engine = L2TWW(source, target, layers, layers, **options)
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (4,))
     with torch.no_grad():  # move the meta-networks off their symmetric start
@@ -151,6 +158,51 @@ def test_l2t_w_hypergradient_equals_independent_unroll(inner_steps, steps_before
     assert all(name.startswith("what.") for name in ours)
     assert_same(ours, independent_hypergradient(engine, x, y, None, learn_where=False))
     torch.testing.assert_close(engine.pair_weights(x), torch.ones(2, dtype=torch.float64))
+
+
+class SharedBlockNet(nn.Module):
+    """A block applied twice in one forward: its hook fires twice, and the last output
+    (the one the classifier reads) is the feature."""
+
+    def __init__(self, widths):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(widths[0], widths[0], 3, padding=1),
+                                   nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.fc = nn.Linear(widths[0], CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.block(self.block(self.stem(x))).mean((2, 3)))
+
+
+def shared_block_forward(p, x):
+    """SharedBlockNet in train mode on plain tensors; features: the stem, the block's
+    second output."""
+    def stage(h, name):
+        h = F.conv2d(h, p[f"{name}.0.weight"], p[f"{name}.0.bias"], padding=1)
+        h = F.batch_norm(h, None, None, p[f"{name}.1.weight"], p[f"{name}.1.bias"], training=True)
+        return F.relu(h)
+    stem = stage(x, "stem")
+    second = stage(stage(stem, "block"), "block")
+    return F.linear(second.mean((2, 3)), p["fc.weight"], p["fc.bias"]), [stem, second]
+
+
+def shared_block_source_features(model, x):
+    stem = model.stem(x)
+    return [stem, model.block(model.block(stem))]
+
+
+@pytest.mark.parametrize("inner_steps, learn_where", [(1, False), (2, True), (3, True)])
+def test_layer_run_twice_hypergradient_equals_independent_unroll(inner_steps, learn_where):
+    """The hooked block runs twice per forward: the real step, every lookahead step (the
+    forward-mode first step and the rebuilt ones) and the source all match its last output."""
+    engine, x, y = make_engine(net=SharedBlockNet, layers=["stem", "block"],
+                               inner_steps=inner_steps, learn_where=learn_where)
+    expected = independent_hypergradient(engine, x, y, "relu6", learn_where,
+                                         forward=shared_block_forward,
+                                         source_features=shared_block_source_features)
+    assert_same(engine.hypergradient(x, y), expected)
 
 
 @pytest.mark.parametrize("inner_steps", [1, 3])

@@ -73,10 +73,41 @@ def test_run_with_functional_call_and_stop_early():
     params = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     x = torch.randn(2, 3, 8, 8)
     with FeatureHooks(model, ["layer1"]) as hooks:
+        # the first pass runs to the end: it counts how often each layer runs
+        out, (feat,) = hooks.run(functional_call, model, params, (x,), stop_early=True)
+        assert out.shape == (2, 2) and torch.count_nonzero(feat) == 0
         out, (feat,) = hooks.run(functional_call, model, params, (x,), stop_early=True)
         assert out is None and torch.count_nonzero(feat) == 0
         out, (feat,) = hooks(x)  # the next call collects afresh, to the end
         assert out.shape == (2, 2) and torch.count_nonzero(feat) > 0
+
+
+class SharedBlockNet(nn.Module):
+    """``block`` runs twice per forward; ``after`` runs once, between its two calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Conv2d(3, 3, 3, padding=1)
+        self.after = nn.ReLU()
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.block(self.after(self.block(x))).mean((2, 3)))
+
+
+def test_layer_run_twice_reports_its_last_output_also_when_stopping_early():
+    model = SharedBlockNet()
+    x = torch.randn(2, 3, 8, 8)
+    last = model.block(model.after(model.block(x)))
+    head_calls = []
+    model.head.register_forward_hook(lambda *args: head_calls.append(1))
+    with FeatureHooks(model, ["block", "after"]) as hooks:
+        for stop_early, head_ran in [(False, True), (True, False)]:
+            head_calls.clear()
+            out, (block, after) = hooks.run(model, x, stop_early=stop_early)
+            torch.testing.assert_close(block, last)
+            torch.testing.assert_close(after, model.after(model.block(x)))
+            assert (out is not None) == head_ran and bool(head_calls) == head_ran
 
 
 def test_unknown_layer_names_close_matches():

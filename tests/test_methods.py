@@ -20,21 +20,24 @@ LAYERS = ["layer1", "layer2", "layer3"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_setup(seed=0):
-    """A 4-class source, a 3-class target, and a batch with every extra a method may need."""
+def tiny_setup(seed=0, source_classes=4):
+    """A 4-class source (3, the target's classes, for methods that need shared labels), a
+    3-class target, and a batch with every extra a method may need."""
     torch.manual_seed(seed)
-    source = build_model("resnet8", 4).eval()
+    source = build_model("resnet8", source_classes).eval()
     target = build_model("resnet8", 3)
     x = torch.randn(12, 3, 8, 8)
     y = torch.arange(12) % 3
     batch = Batch(x, y, unlabelled=torch.randn(12, 3, 8, 8), source_x=torch.randn(12, 3, 8, 8),
-                  source_y=torch.arange(12) % 4)
+                  source_y=torch.arange(12) % source_classes)
     return source, target, batch
 
 
 def make(name, **options):
-    source, target, batch = tiny_setup()
-    setup = Setup(source, target, 3, LAYERS, LAYERS, batch.x[:2], num_source_classes=4)
+    source_classes = 3 if "shared_labels" in registry()[name].needs else 4
+    source, target, batch = tiny_setup(source_classes=source_classes)
+    setup = Setup(source, target, 3, LAYERS, LAYERS, batch.x[:2],
+                  num_source_classes=source_classes)
     taken = {option.name for option in registry()[name].options}
     if "backend" in taken:
         options.setdefault("backend", "reference")
@@ -166,3 +169,48 @@ def test_evaluate_restores_training_mode():
     x, y = torch.randn(5, 3, 8, 8), torch.zeros(5, dtype=torch.int64)
     evaluate(model, x, y, batch_size=2)
     assert all(m.training for m in model.modules())
+
+
+class SharedBlockNet(torch.nn.Module):
+    """A block applied twice per forward (a shared block)."""
+
+    def __init__(self, classes, width=4):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.ReLU())
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(width, width, 3, padding=1),
+                                         torch.nn.ReLU())
+        self.fc = torch.nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.fc(self.block(self.block(self.stem(x))).mean((2, 3)))
+
+    def features(self, x):
+        stem = self.stem(x)
+        return [stem, self.block(self.block(stem))]
+
+
+@pytest.mark.parametrize("name", ["at", "fm", "l2t-ww"])
+def test_layer_run_twice_gives_every_method_its_last_output(name):
+    """The rule of FeatureHooks on every path: source and target features, the real step
+    and (L2T-ww) the lookahead's early-stopping passes all see the block's last output."""
+    torch.manual_seed(0)
+    source, target = SharedBlockNet(4).eval(), SharedBlockNet(3)
+    x, y = torch.randn(6, 3, 8, 8), torch.arange(6) % 3
+    layers = ["stem", "block"]
+    options = {} if name == "at" else {"backend": "reference"}
+    method = build_method(name, Setup(source, target, 3, layers, layers, x[:2]), **options)
+    method.train_step(Batch(x, y))
+    with torch.no_grad():
+        expected_source, expected_target = source.features(x), target.features(x)
+    if name == "l2t-ww":
+        engine = method.engine
+        theta = [p.detach() for p in engine._theta]
+        seen = [(engine._source_features(x), engine._run_target(theta, x)[1]),
+                (engine._source_features(x), engine._run_target(theta, x, stop_early=True)[1]),
+                (engine._source_features(x), engine._feature_tangents(
+                    theta[:len(engine._target_names)], [None] * len(theta), x)[0])]
+    else:
+        seen = [method.features(x)[1:] for _ in range(2)]  # the second one stops early
+    for source_feats, target_feats in seen:
+        for ours, expected in zip(source_feats + target_feats, expected_source + expected_target):
+            torch.testing.assert_close(ours, expected)

@@ -279,6 +279,48 @@ JOB_OPTIONS = (
     Option("device", "auto", Text(), "auto, cpu, cuda, cuda:N"),
 )
 
+# ``l2t-fast analyze``: what it measures; the rows above configure the transfer job it runs
+# (with its own defaults for these two) or describe the data and layers of --models.
+ANALYSES = ("cka", "distance", "interpolation", "criticality", "block_shuffle", "mistakes",
+            "domain")
+ANALYZE_JOB_DEFAULTS = {"methods": ["scratch", "finetune", "l2t-ww"], "seeds": [0, 1]}
+ANALYZE_OPTIONS = (
+    Option("results", None, Text(optional=True),
+           "job folder of `l2t-fast transfer` to analyse (its scratch, finetune and l2t-ww "
+           "networks; default: run that job first)"),
+    Option("models", None, ListOf(Text(), optional=True),
+           "two networks to compare instead of a job: each a model name (random weights), a "
+           "trained network of a job (models/*.pt), or NAME=FILE (a state_dict of model "
+           "NAME); their layers: --source-layers and --target-layers"),
+    Option("analyses", "all", ListOf(Choice(*ANALYSES), everything="all"),
+           "analyses to run ('all': every one the networks allow)"),
+    Option("analysis_images", 512, Int(8),
+           "target test images the CKA, criticality and domain distance use (at most)"),
+    Option("cka_batch_size", 128, Int(4), "batch size of the minibatch CKA"),
+    Option("interpolation_points", 11, Int(2),
+           "networks evaluated along each straight line between two networks"),
+    Option("criticality_alphas", [0.0, 0.25, 0.5, 0.75, 1.0], ListOf(Float(0, 1)),
+           "rewind factors of module criticality (0: the initial weights, 1: the trained)"),
+    Option("criticality_sigmas", [0.05, 0.1, 0.2, 0.4, 0.8], ListOf(Float(0, above=True)),
+           "noise radii of module criticality, relative to each module's weight scale"),
+    Option("criticality_epsilon", 0.05, Float(0),
+           "error rise a noisy, rewound module may cause and still count"),
+    Option("block_sizes", None, ListOf(Int(1), optional=True),
+           "block sizes of the block-shuffle experiment (default: every power of two that "
+           "divides the image size)"),
+)
+
+
+def analyze_table():
+    """The rows of ``l2t-fast analyze``: the transfer job's (with the defaults of
+    ``ANALYZE_JOB_DEFAULTS``), then ``ANALYZE_OPTIONS``."""
+    from dataclasses import replace
+
+    rows = {name: replace(option, default=ANALYZE_JOB_DEFAULTS[name])
+            if name in ANALYZE_JOB_DEFAULTS else option for name, option in table().items()}
+    rows.update((option.name, option) for option in ANALYZE_OPTIONS)
+    return rows
+
 
 def table():
     """Every option, ``{name: Option}``: the job's rows, then each method's, in registry
@@ -338,10 +380,11 @@ def _help(option):
     return text + ")"
 
 
-def add_arguments(parser):
-    """One command-line flag per option. Unset flags stay out of the parsed namespace
-    (``argparse.SUPPRESS``), so that the job can tell a user's value from a default."""
-    for option in table().values():
+def add_arguments(parser, rows=None):
+    """One command-line flag per option of ``rows`` (default: ``table()``). Unset flags stay
+    out of the parsed namespace (``argparse.SUPPRESS``), so that the job can tell a user's
+    value from a default."""
+    for option in (table() if rows is None else rows).values():
         kwargs = {"default": argparse.SUPPRESS, "help": _help(option),
                   "dest": option.name}
         if isinstance(option.kind, Flag):
@@ -371,10 +414,11 @@ def _parser_of(option):
     return parse
 
 
-def from_arguments(args):
-    """The config a parsed command line sets: only the options the user gave."""
+def from_arguments(args, rows=None):
+    """The config a parsed command line sets: only the options (of ``rows``, default
+    ``table()``) the user gave."""
     config = {}
-    for option in table().values():
+    for option in (table() if rows is None else rows).values():
         if hasattr(args, option.name):
             value = getattr(args, option.name)
             if isinstance(option.kind, ListOf) and value == [option.kind.everything]:

@@ -311,12 +311,14 @@ class _Job:
             history, seconds, start_epoch = state["history"], state["seconds"], state["epoch"]
             bar.update(start_epoch)
 
+        steps_per_epoch = -(-len(chosen) // config["batch_size"])
         for epoch in range(start_epoch, config["epochs"]):
             started = time.perf_counter()
             _set_lr(method.optimizer, config["lr"], epoch, config["epochs"])
             losses = []
             for step, batch in enumerate(self._batches(chosen, generator, extras_generator,
                                                        needs)):
+                method.set_progress((epoch + step / steps_per_epoch) / config["epochs"])
                 try:
                     loss = method.train_step(batch)
                 except FloatingPointError as error:  # a method's own check (Diverged)

@@ -107,6 +107,11 @@ class Method:
     def losses(self, batch):
         return {"ce": F.cross_entropy(self.model(batch.x), batch.y)}
 
+    def set_progress(self, progress):
+        """Called by the job before every ``train_step`` with the fraction of training done,
+        in [0, 1), for methods whose loss follows a schedule (DANN's reversal coefficient);
+        a function of epoch and step alone, so that a resumed run sees the same values."""
+
     def state_dict(self):
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 

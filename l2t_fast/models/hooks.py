@@ -19,9 +19,14 @@ class _EnoughFeatures(Exception):
 class FeatureHooks:
     """Collect the outputs of the modules named ``layer_names`` while the model runs.
 
-    ``hooks(x)`` returns ``(output, [feature of each name, in layer_names order])``. A module
-    that runs several times in one forward pass reports its last output. Use as a context
-    manager, or call ``remove()``, to take the hooks off the model.
+    ``hooks(x)`` returns ``(output, [feature of each name, in layer_names order])``. Use as a
+    context manager, or call ``remove()``, to take the hooks off the model.
+
+    A module that runs several times in one forward pass (a shared block) reports its last
+    output, on every path: the real step, the L2T-ww lookahead, FM and AT all match that
+    one. ``run(..., stop_early=True)`` keeps to the rule: it ends a pass only once every
+    layer has run as many times as in the latest pass that ran to the end (so it runs the
+    first pass to the end), which assumes that this count does not change from pass to pass.
     """
 
     def __init__(self, model, layer_names):
@@ -38,6 +43,8 @@ class FeatureHooks:
                 raise ValueError(f"layer {name!r} is not a module of {type(model).__name__}; "
                                  f"close matches: {close}")
         self._features = {}
+        self._calls = {}  # name -> times its module ran in this pass
+        self._calls_in_full_pass = None  # the same, in the latest pass that ran to the end
         self._stop_early = False
         # partial of a bound method, not a closure: deepcopy of the model then copies the
         # hooks along with it instead of leaving them pointing at this object
@@ -46,7 +53,8 @@ class FeatureHooks:
 
     def _store(self, name, module, inputs, output):
         self._features[name] = to_feature_map(self.model, name, output)
-        if self._stop_early and len(self._features) == len(self._handles):
+        self._calls[name] = self._calls.get(name, 0) + 1
+        if self._stop_early and self._calls == self._calls_in_full_pass:
             raise _EnoughFeatures
 
     def __call__(self, *args, **kwargs):
@@ -56,15 +64,18 @@ class FeatureHooks:
         """Call ``forward(*args, **kwargs)``, a function that runs the hooked model (the model
         itself, or e.g. a ``functional_call`` of it), and return ``(output, features)``.
 
-        With ``stop_early`` the pass ends as soon as every feature is in, skipping the rest
-        of the model (e.g. the classifier head when only features are matched); the
-        output is then ``None``.
+        With ``stop_early`` the pass ends as soon as every feature is in, that is, once each
+        layer has run as many times as in the latest pass that ran to the end, skipping the
+        rest of the model (e.g. the classifier head when only features are matched); the
+        output is then ``None``. Without such a pass yet, it runs to the end.
         """
-        self._features = {}
-        self._stop_early = stop_early
+        self._features, self._calls = {}, {}
+        self._stop_early = stop_early and self._calls_in_full_pass is not None
         output = None
+        ran_to_end = False
         try:
             output = forward(*args, **kwargs)
+            ran_to_end = True
         except _EnoughFeatures:
             pass
         finally:
@@ -73,8 +84,10 @@ class FeatureHooks:
         if missing:
             raise RuntimeError(f"layers {missing} did not run in the forward pass of "
                                f"{type(self.model).__name__}")
+        if ran_to_end:
+            self._calls_in_full_pass = self._calls
         features = [self._features[n] for n in self.layer_names]
-        self._features = {}
+        self._features, self._calls = {}, {}
         return output, features
 
     def remove(self):

@@ -17,7 +17,10 @@ one fused kernel (``l2t_fast.methods.l2tww.batchnorm``).
 
 Lookahead forwards run the target in train mode, with batch statistics in BatchNorm, as
 the paper's code does; they get copies of the target's buffers, so running statistics of
-the model never move during a lookahead.
+the model never move during a lookahead. A hooked layer that runs several times in one
+forward (a shared block) is matched by its last output in the real step and in every
+lookahead step alike: a matching step stops after that last call, not the first
+(``FeatureHooks``).
 """
 import warnings
 from contextlib import contextmanager
