@@ -15,6 +15,15 @@ python -m pip install -q --upgrade pip setuptools wheel
 pip install -q torch==2.14.1 torchvision==0.29.1   # a matching pair; never unpinned
 pip install -q timm
 echo "vision: installed torch, torchvision and timm in $((SECONDS - start))s"
+# The toolkit's own root, as nvcc reports it: torch guesses it from nvcc's place on PATH,
+# which is wrong where nvcc is a wrapper script (/usr/local/bin/nvcc here: no libcudart).
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+  CUDA_HOME="$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)"
+  export CUDA_HOME="$(cd "$CUDA_HOME" && pwd)"
+fi
+echo "vision: CUDA toolkit: ${CUDA_HOME:-none}"
+# one GPU architecture proves that the kernels compile and link, in half the nvcc time
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-2}"
 pip install -q -e ".[test,vision]" --no-build-isolation
 echo "vision: installed and built the extension in $((SECONDS - start))s"
 

@@ -10,6 +10,7 @@ COMMANDS = {
     "transfer": ("l2t_fast.jobs.transfer", "compare transfer methods on a few-label target task"),
     "sweep": ("l2t_fast.jobs.sweep", "hyperparameter sweep of the transfer job (Ray Tune)"),
     "analyze": ("l2t_fast.jobs.analyze", "what was transferred: CKA, basins, criticality..."),
+    "pretrain": ("l2t_fast.jobs.pretrain", "train a source network for --source-checkpoint"),
 }
 
 
