@@ -18,7 +18,7 @@ from l2t_fast.models import BasicBlock
 from l2t_fast.models.hooks import FeatureHooks
 from memory import peak_memory_growth
 
-BATCHES, BATCH_SIZE, IMAGE_SIZE = 3, 128, 32
+BATCHES, BATCH_SIZE, IMAGE_SIZE = 2, 64, 32
 WIDTHS, BLOCKS = (16, 32, 64, 128), 2
 
 
