@@ -564,7 +564,8 @@ def test_analyze_reads_a_job_folder_and_two_networks(analysed, tmp_path):
     (["--results", "x", "--epochs", "3"], "with results the job's own config is used"),
     (["--models", "a", "b", "--results", "x"], "models or results, not both"),
     (["--analyses", "cka", "colour"], "'colour' is not one of cka"),
-    (["--criticality-alphas", "2"], "--criticality-alphas: '2' is not a finite number >= 0 and <= 1"),
+    (["--criticality-alphas", "2"],
+     "--criticality-alphas: '2' is not a finite number >= 0 and <= 1"),
 ])
 def test_analyze_refuses_bad_options(argv, message, capsys, tmp_path):
     from l2t_fast import cli

@@ -607,7 +607,8 @@ def _summary_lines(results):
                      f"barrier {100 * curve['error_barrier']:.1f} points")
     for method, result in (results.get("criticality") or {}).items():
         lines.append(f"criticality of {method}: " + ", ".join(
-            f"{module} {'none' if cell['criticality'] is None else format(cell['criticality'], '.3g')}"
+            f"{module} " + ("none" if cell["criticality"] is None
+                            else format(cell["criticality"], ".3g"))
             for module, cell in result["modules"].items()))
     shuffle = results.get("block_shuffle")
     if shuffle:
