@@ -1,12 +1,16 @@
 """L2TWW against an independent unroll: plain tensors, a functional copy of the tiny
 target, the loss and the meta-networks written out here, and a manual SGD loop."""
 import copy
+import math
+import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from l2t_fast.methods.base import Diverged
 from l2t_fast.methods.l2tww.engine import L2TWW
 from l2t_fast.methods.l2tww.meta import WHERE_ACTIVATIONS
 
@@ -396,3 +400,70 @@ def test_auto_backend_agrees_with_reference():
     ours, expected = engine.hypergradient(x, y), reference.hypergradient(x, y)
     for name in expected:
         torch.testing.assert_close(ours[name], expected[name], rtol=1e-7, atol=1e-12)
+
+
+def test_step_that_blows_up_raises_diverged_naming_lr():
+    engine, x, y = make_engine(steps_before=0, lr=1e6)
+    with pytest.raises(Diverged, match=r"non-finite.*lower lr \(now 1e\+06\) or meta_lr") as info:
+        for _ in range(5):
+            engine.step(x, y)
+    assert isinstance(info.value, FloatingPointError)
+
+
+def test_non_finite_loss_is_named_first():
+    engine, x, y = make_engine(steps_before=0)
+    x = x.clone()
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(Diverged, match="iteration 1: non-finite loss"):
+        engine.step(x, y)
+
+
+def test_non_finite_updated_parameter_is_named(monkeypatch):
+    engine, x, y = make_engine(steps_before=0)
+    real = engine.optimizer.step
+
+    def poisoned():
+        real()
+        engine.target_model.fc.bias.data[1] = float("inf")
+
+    monkeypatch.setattr(engine.optimizer, "step", poisoned)
+    with pytest.raises(Diverged, match="non-finite updated parameters: fc.bias;"):
+        engine.step(x, y)
+
+
+def test_nan_hypergradient_is_named(monkeypatch):
+    engine, x, y = make_engine()
+    real = engine._meta_gradients
+    poisoned_index = [name for name, _ in engine._meta_named].index("where.layers.2.weight")
+
+    def poisoned(*args):
+        outer, grads = real(*args)
+        grads[poisoned_index] = grads[poisoned_index].clone()
+        grads[poisoned_index][0, 0] = float("nan")
+        return outer, grads
+
+    monkeypatch.setattr(engine, "_meta_gradients", poisoned)
+    with pytest.raises(Diverged, match="non-finite hypergradients: where.layers.2.weight;"):
+        engine.step(x, y)
+
+
+def test_finite_step_reports_floats_after_one_host_sync(monkeypatch):
+    """The check and the report share one transfer to the host (``tolist``): no other
+    ``item``, ``tolist`` or ``bool`` of a tensor in the project's code during a step (Adam's
+    own step counters are CPU tensors, whatever the device)."""
+    engine, x, y = make_engine()
+    syncs = []
+    for method in ("item", "tolist", "__bool__"):
+        real = getattr(torch.Tensor, method)
+
+        def counting(self, _real=real, _name=method):
+            caller = sys._getframe(1).f_code.co_filename
+            if os.sep + "l2t_fast" + os.sep in caller:
+                syncs.append(_name)
+            return _real(self)
+
+        monkeypatch.setattr(torch.Tensor, method, counting)
+    report = engine.step(x, y)
+    assert syncs == ["tolist"]
+    assert set(report) == {"loss", "ce", "matching", "meta_ce"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in report.values())

@@ -33,6 +33,11 @@ BACKEND = Option("backend", "auto", Choice("auto", "reference", "cpu", "cuda", "
                  "feature-matching backend")
 
 
+class Diverged(FloatingPointError):
+    """A training step made a loss, a gradient or a parameter non-finite; the message says
+    which. The job marks the run ``diverged`` and goes on with the others."""
+
+
 @dataclass
 class Batch:
     """One training iteration's data. ``x``, ``y``: labelled target images; the rest only

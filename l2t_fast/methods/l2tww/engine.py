@@ -22,6 +22,7 @@ forward (a shared block) is matched by its last output in the real step and in e
 lookahead step alike: a matching step stops after that last call, not the first
 (``FeatureHooks``).
 """
+import math
 import warnings
 from contextlib import contextmanager
 
@@ -31,6 +32,7 @@ from torch.autograd import forward_ad
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from l2t_fast.methods.base import Diverged
 from l2t_fast.methods.l2tww.batchnorm import fused_batch_norm
 from l2t_fast.models.hooks import FeatureHooks, feature_channels
 from l2t_fast.matching.loss import (WeightedFeatureMatching, weighted_feature_matching_grads,
@@ -115,6 +117,11 @@ def _leaves(tensors):
     return [None if t is None else t.detach().requires_grad_() for t in tensors]
 
 
+def _listing(what, names, shown=5):
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"non-finite {what}: {', '.join(names[:shown])}{more}"
+
+
 def _add(a, b):
     return b if a is None else a if b is None else a + b
 
@@ -181,6 +188,9 @@ class L2TWW:
         self._target_names = [n for n, p in target_model.named_parameters() if p.requires_grad]
         self._theta = ([p for p in target_model.parameters() if p.requires_grad]
                        + list(self.matching.weight) + list(self.matching.bias))
+        self._theta_names = (self._target_names
+                             + [f"matching.weight.{i}" for i in range(len(self.pairs))]
+                             + [f"matching.bias.{i}" for i in range(len(self.pairs))])
         self.optimizer = torch.optim.SGD(self._theta, lr=lr, momentum=momentum,
                                          weight_decay=weight_decay)
         self._meta_named = [("what." + n, p) for n, p in self.what.named_parameters()]
@@ -358,7 +368,15 @@ class L2TWW:
 
     def step(self, x, y):
         """One iteration; returns the real step's ``loss``, ``ce`` and ``matching`` (floats),
-        plus ``meta_ce`` (CE after the lookahead) on iterations with a meta step."""
+        plus ``meta_ce`` (CE after the lookahead) on iterations with a meta step.
+
+        Raises ``Diverged`` (a ``FloatingPointError``) naming what turned non-finite: the
+        loss, an updated parameter, ``meta_ce``, a hypergradient or an updated meta
+        parameter, the first of these in that order. The check costs one fused reduction
+        and the step's only host sync; the step has gone through by then, so the engine's
+        state is not usable afterwards.
+        """
+        grads = []
         with _train_mode(self.target_model):
             source_feats = self._source_features(x)
             with torch.no_grad():
@@ -371,15 +389,48 @@ class L2TWW:
             loss.backward()
             self.optimizer.step()
             self.iteration += 1
-            report = {"loss": loss.item(), "ce": ce.item(), "matching": matching.item()}
+            scalars = {"loss": loss, "ce": ce, "matching": matching}
             if self.iteration % self.meta_period == 0:
                 outer, grads = self._meta_gradients(x, y, source_feats)
                 for (_, p), g in zip(self._meta_named, grads):
                     p.grad = g
                 self.meta_optimizer.step()
                 self.meta_optimizer.zero_grad(set_to_none=True)
-                report["meta_ce"] = outer.item()
-        return report
+                scalars["meta_ce"] = outer
+        return self._finite_report(scalars, grads)
+
+    def _finite_report(self, scalars, hypergradients):
+        """``scalars`` as floats, after checking them, the parameters, the
+        ``hypergradients`` and the meta parameters for non-finite values: one max-abs
+        norm per tensor (one fused op) and one host sync for all."""
+        meta_named = self._meta_named if hypergradients else []
+        tensors = ([p.detach() for p in self._theta] + list(hypergradients)
+                   + [p.detach() for _, p in meta_named])
+        norms = torch._foreach_norm(tensors, ord=float("inf"))
+        values = torch.stack([v.detach() for v in scalars.values()] + list(norms)).tolist()
+        report = dict(zip(scalars, values))
+        finite = iter([math.isfinite(v) for v in values[len(scalars):]])  # in tensors' order
+        meta_names = [name for name, _ in meta_named]
+        bad_params, bad_hypergradients, bad_meta = (
+            [name for name in names if not next(finite)]
+            for names in (self._theta_names, meta_names, meta_names))
+        if not all(math.isfinite(report[k]) for k in ("loss", "ce", "matching")):
+            problem = (f"non-finite loss (loss {report['loss']} = ce {report['ce']} "
+                       f"+ matching {report['matching']})")
+        elif bad_params:
+            problem = _listing("updated parameters", bad_params)
+        elif not math.isfinite(report.get("meta_ce", 0.0)):
+            problem = f"non-finite meta_ce, the CE after the lookahead ({report['meta_ce']})"
+        elif bad_hypergradients:
+            problem = _listing("hypergradients", bad_hypergradients)
+        elif bad_meta:
+            problem = _listing("updated meta parameters", bad_meta)
+        else:
+            return report
+        lr = self.optimizer.param_groups[0]["lr"]
+        meta_lr = self.meta_optimizer.param_groups[0]["lr"]
+        raise Diverged(f"L2TWW.step diverged at iteration {self.iteration}: {problem}; "
+                       f"try a lower lr (now {lr:g}) or meta_lr (now {meta_lr:g})")
 
     @torch.no_grad()
     def pair_weights(self, x):
