@@ -49,6 +49,15 @@ def _check_tensor_list(name, values, allow_none=False):
     return list(values)
 
 
+def _check_not_empty(name, i, feature_map):
+    """Channels, height and width must be at least 1 (an empty map has no mean error and
+    would reach the kernels with nothing to resize from); an empty batch is allowed."""
+    for axis, what in ((1, "channels"), (2, "height"), (3, "width")):
+        if feature_map.shape[axis] == 0:
+            raise ValueError(f"{name}[{i}] has no {what} (shape {_shape(feature_map)}): every "
+                             f"feature map needs at least one channel, row and column")
+
+
 def _check_per_pair(name, values, num_pairs):
     if len(values) != num_pairs:
         raise ValueError(
@@ -108,6 +117,7 @@ def check_matching_inputs(source_feats, target_feats, pairs, weight, bias=None,
         for i, t in enumerate(feats):
             if t.dim() != 4:
                 raise ValueError(f"{name}[{i}] must be 4-D [B, C, H, W], got shape {_shape(t)}")
+            _check_not_empty(name, i, t)
     batch = source[0].shape[0]
     for name, feats in (("source_feats", source), ("target_feats", target)):
         for i, t in enumerate(feats):
