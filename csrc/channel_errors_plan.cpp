@@ -11,7 +11,7 @@ AxisResize axis_resize(int64_t in_size, int64_t out_size) {
   axis.weight.resize(out_size);
   const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
   for (int64_t i = 0; i < out_size; ++i) {
-    if (in_size == out_size) {
+    if (in_size == out_size) {  // F.interpolate's taps too: lo = hi, weights 1 and 0
       axis.lo[i] = axis.hi[i] = i;
       axis.weight[i] = 0.0;
       continue;
