@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import l2t_fast
 from l2t_fast.matching.backends import BackendUnavailable
+from l2t_fast.matching.loss import weighted_feature_matching_grads
 from matching_reference import as_spec_args, problems, random_problem, spec_loss
 
 CPU_BACKENDS = [b for b in ("reference", "cpu") if b in l2t_fast.available_backends()]
@@ -296,3 +297,30 @@ def test_infinite_source_value_gives_the_references_result(backend, dtype, sourc
     expected = spec_loss(**as_spec_args(args), reduction="none")
     torch.testing.assert_close(terms.double(), expected, equal_nan=True)
 
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("per_pair", [False, True])
+def test_beta_that_requires_grad_is_differentiated(backend, per_pair):
+    # Such a beta used to be read with .tolist(): silently detached, its gradient lost.
+    problem = resized_problem()
+    pairs = len(problem["pairs"])
+    beta = (torch.linspace(0.2, 1.5, pairs, dtype=torch.float64) if per_pair
+            else torch.tensor(0.7, dtype=torch.float64)).requires_grad_()
+    inputs = differentiable_inputs(problem) + [beta]
+    ours = loss_of(problem, backend, beta=beta)
+    spec = spec_loss(**as_spec_args(problem),
+                     beta=list(beta.unbind()) if per_pair else [beta] * pairs)
+    torch.testing.assert_close(ours, spec, rtol=1e-9, atol=1e-11)
+    assert_same_grads(grads(ours, inputs), grads(spec, inputs), rtol=1e-9, atol=1e-11)
+
+    fixed = {key: [t.detach() for t in value] if isinstance(value, list) and key != "pairs"
+             else value for key, value in problem.items()}
+    assert torch.autograd.gradcheck(lambda b: loss_of(fixed, backend, beta=b, reduction="none"),
+                                    (beta,))
+    # The gradient without the loss (the lookahead steps') is differentiable in beta too.
+    target = problem["target_feats"]
+    ours_first = weighted_feature_matching_grads(**problem, beta=beta, create_graph=True,
+                                                 backend=backend)[0]
+    spec_first = torch.autograd.grad(spec, target, create_graph=True)
+    assert_same_grads(grads(sum(g.sum() for g in ours_first), [beta]),
+                      grads(sum(g.sum() for g in spec_first), [beta]), rtol=1e-9, atol=1e-11)

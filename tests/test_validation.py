@@ -175,3 +175,14 @@ def test_empty_batch_keeps_its_behaviour():
     problem = random_problem([(0, 3, 4, 4)], [(0, 2, 2, 2)], [(0, 0)])
     assert call(problem, reduction="none").shape == (1, 0)
     assert torch.isnan(call(problem))
+
+
+@pytest.mark.parametrize("beta, message", [
+    (torch.full((2, 1), 0.5), r"beta must be a float or one float per pair \(a 0-D or 1-D "
+                              r"tensor\), got a tensor of shape \[2, 1\]"),
+    (torch.tensor([0.5, 0.5, 0.5]), "beta must be a float or one float per pair: got 3 values"),
+    ([torch.tensor(0.5), 0.5], r"beta\[0\] must be a number, got Tensor"),
+])
+def test_bad_beta_names_beta(problem, beta, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(problem, beta=beta)

@@ -47,7 +47,11 @@ def _weigh(errors, inputs, reduction):
         per_sample = _pair_sums(errors * what, channels)
     if inputs.pair_weights is not None:
         per_sample = per_sample * torch.stack(inputs.pair_weights, dim=1).to(errors.dtype)
-    per_sample = per_sample * torch.tensor(inputs.beta, dtype=errors.dtype, device=errors.device)
+    if isinstance(inputs.beta, torch.Tensor):  # differentiable, one per pair
+        beta = inputs.beta.to(dtype=errors.dtype, device=errors.device)
+    else:
+        beta = errors.new_tensor(inputs.beta)
+    per_sample = per_sample * beta
     if reduction == "none":
         return per_sample.t()
     return per_sample.mean(dim=0).sum()
