@@ -36,13 +36,16 @@ at::Tensor mergeable(const at::Tensor& map) {
 
 // Samples one source channel at a block of target positions (whole target rows), and
 // spreads gradients back: F.interpolate's bilinear resize and its transpose, done
-// separably (first between two source rows, then along the row).
+// separably (first between two source rows, then along the row). Each tap is blended as
+// F.interpolate blends it, `(1 - w) * lo + w * hi` with both weights, never as
+// `lo + w * (hi - lo)`: the two agree on finite maps, but with an infinite value the
+// difference form gives NaN (inf - inf) where F.interpolate gives inf.
 template <typename scalar_t>
 struct Resampler {
   bool identity = false;
   int64_t source_height = 0, source_width = 0, target_width = 0;
   std::vector<int64_t> row_lo, row_hi, col_lo, col_hi;
-  std::vector<scalar_t> row_weight, col_weight;
+  std::vector<scalar_t> row_lo_weight, row_hi_weight, col_lo_weight, col_hi_weight;
 
   Resampler(const AxisResize& rows, const AxisResize& cols, int64_t source_height_,
             int64_t source_width_)
@@ -51,8 +54,17 @@ struct Resampler {
     identity = source_height == static_cast<int64_t>(rows.lo.size()) &&
                source_width == target_width;
     row_lo = rows.lo, row_hi = rows.hi, col_lo = cols.lo, col_hi = cols.hi;
-    for (double w : rows.weight) row_weight.push_back(static_cast<scalar_t>(w));
-    for (double w : cols.weight) col_weight.push_back(static_cast<scalar_t>(w));
+    split_weights(rows.weight, row_lo_weight, row_hi_weight);
+    split_weights(cols.weight, col_lo_weight, col_hi_weight);
+  }
+
+  // As F.interpolate: the hi weight in scalar_t, the lo weight 1 minus it.
+  static void split_weights(const std::vector<double>& weight, std::vector<scalar_t>& lo,
+                            std::vector<scalar_t>& hi) {
+    for (double w : weight) {
+      hi.push_back(static_cast<scalar_t>(w));
+      lo.push_back(scalar_t(1) - hi.back());
+    }
   }
 
   // out[j] = S~[p0 + j] for j < len; `between` holds source_width scratch values.
@@ -65,11 +77,10 @@ struct Resampler {
     for (int64_t h = p0 / target_width; h * target_width < p0 + len; ++h, out += target_width) {
       const scalar_t* top = channel + row_lo[h] * source_width;
       const scalar_t* bottom = channel + row_hi[h] * source_width;
-      const scalar_t ly = row_weight[h];
-      for (int64_t x = 0; x < source_width; ++x) between[x] = top[x] + ly * (bottom[x] - top[x]);
+      const scalar_t wt = row_lo_weight[h], wb = row_hi_weight[h];
+      for (int64_t x = 0; x < source_width; ++x) between[x] = wt * top[x] + wb * bottom[x];
       for (int64_t w = 0; w < target_width; ++w) {
-        const scalar_t left = between[col_lo[w]];
-        out[w] = left + col_weight[w] * (between[col_hi[w]] - left);
+        out[w] = col_lo_weight[w] * between[col_lo[w]] + col_hi_weight[w] * between[col_hi[w]];
       }
     }
   }
@@ -86,8 +97,7 @@ struct Resampler {
   void resize_columns(const scalar_t* channel, scalar_t* out) const {
     for (int64_t h = 0; h < source_height; ++h, channel += source_width, out += target_width) {
       for (int64_t w = 0; w < target_width; ++w) {
-        const scalar_t left = channel[col_lo[w]];
-        out[w] = left + col_weight[w] * (channel[col_hi[w]] - left);
+        out[w] = col_lo_weight[w] * channel[col_lo[w]] + col_hi_weight[w] * channel[col_hi[w]];
       }
     }
   }
@@ -97,9 +107,9 @@ struct Resampler {
     for (int64_t h = p0 / target_width; h * target_width < p0 + len; ++h, out += target_width) {
       const scalar_t* top = columns + row_lo[h] * target_width;
       const scalar_t* bottom = columns + row_hi[h] * target_width;
-      const scalar_t ly = row_weight[h];
+      const scalar_t wt = row_lo_weight[h], wb = row_hi_weight[h];
       _Pragma("omp simd")
-      for (int64_t w = 0; w < target_width; ++w) out[w] = top[w] + ly * (bottom[w] - top[w]);
+      for (int64_t w = 0; w < target_width; ++w) out[w] = wt * top[w] + wb * bottom[w];
     }
   }
 
@@ -113,17 +123,15 @@ struct Resampler {
     for (int64_t h = p0 / target_width; h * target_width < p0 + len; ++h, grad += target_width) {
       std::fill(between, between + source_width, scalar_t(0));
       for (int64_t w = 0; w < target_width; ++w) {
-        const scalar_t right = col_weight[w] * grad[w];
-        between[col_lo[w]] += grad[w] - right;
-        between[col_hi[w]] += right;
+        between[col_lo[w]] += col_lo_weight[w] * grad[w];
+        between[col_hi[w]] += col_hi_weight[w] * grad[w];
       }
       scalar_t* top = channel + row_lo[h] * source_width;
       scalar_t* bottom = channel + row_hi[h] * source_width;
-      const scalar_t ly = row_weight[h];
+      const scalar_t wt = row_lo_weight[h], wb = row_hi_weight[h];
       for (int64_t x = 0; x < source_width; ++x) {
-        const scalar_t down = ly * between[x];
-        top[x] += between[x] - down;
-        bottom[x] += down;
+        top[x] += wt * between[x];
+        bottom[x] += wb * between[x];
       }
     }
   }

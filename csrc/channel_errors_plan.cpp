@@ -11,7 +11,7 @@ AxisResize axis_resize(int64_t in_size, int64_t out_size) {
   axis.weight.resize(out_size);
   const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
   for (int64_t i = 0; i < out_size; ++i) {
-    if (in_size == out_size) {
+    if (in_size == out_size) {  // F.interpolate's taps too: lo = hi, weights 1 and 0
       axis.lo[i] = axis.hi[i] = i;
       axis.weight[i] = 0.0;
       continue;
@@ -48,14 +48,17 @@ PairPlan make_plan(at::TensorList source, at::TensorList target, at::TensorList 
     TORCH_CHECK(t.device() == device, "channel_errors: ", name, "[", i, "] is on ",
                 t.device(), ", expected ", device);
   };
-  for (size_t i = 0; i < source.size(); ++i) {
-    check_tensor(source[i], "source", i, 4);
-    TORCH_CHECK(source[i].size(0) == plan.batch, "channel_errors: batch sizes differ");
-  }
-  for (size_t i = 0; i < target.size(); ++i) {
-    check_tensor(target[i], "target", i, 4);
-    TORCH_CHECK(target[i].size(0) == plan.batch, "channel_errors: batch sizes differ");
-  }
+  // An empty batch is fine (no work); empty channels, rows or columns are not: the
+  // resize would read from an empty map and the mean over positions divide by zero.
+  auto check_map = [&](const at::Tensor& t, const char* name, int64_t i) {
+    check_tensor(t, name, i, 4);
+    TORCH_CHECK(t.size(0) == plan.batch, "channel_errors: ", name, "[", i, "] has batch size ",
+                t.size(0), ", expected ", plan.batch);
+    TORCH_CHECK(t.size(1) > 0 && t.size(2) > 0 && t.size(3) > 0, "channel_errors: ", name, "[",
+                i, "] has shape ", t.sizes(), ": channels, height and width must be >= 1");
+  };
+  for (size_t i = 0; i < source.size(); ++i) check_map(source[i], "source", i);
+  for (size_t i = 0; i < target.size(); ++i) check_map(target[i], "target", i);
   plan.column_offset.resize(pairs);
   for (int64_t i = 0; i < pairs; ++i) {
     const int64_t m = pair_source[i], n = pair_target[i];

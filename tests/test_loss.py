@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import l2t_fast
 from l2t_fast.matching.backends import BackendUnavailable
+from l2t_fast.matching.loss import weighted_feature_matching_grads
 from matching_reference import as_spec_args, problems, random_problem, spec_loss
 
 CPU_BACKENDS = [b for b in ("reference", "cpu") if b in l2t_fast.available_backends()]
@@ -247,3 +248,79 @@ def test_cpu_backend_refuses_half_inputs():
     problem = random_problem([(2, 3, 4, 4)], [(2, 2, 4, 4)], [(0, 0)], dtype=torch.float16)
     with pytest.raises(BackendUnavailable, match="float16"):
         loss_of(problem, "cpu")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("channel_weights", [False, True])
+def test_nan_in_one_pair_leaves_the_other_pairs_terms(backend, channel_weights):
+    # Summing each pair's channel errors as a product with a 0/1 matrix added 0 * NaN
+    # into every other pair's terms.
+    problem = resized_problem()
+    source = [s.detach().clone() for s in problem["source_feats"]]
+    source[0][1, 2, 3, 1] = float("nan")  # pairs 0 and 2 read source 0, at sample 1
+    problem = {**problem, "source_feats": source}
+    if not channel_weights:
+        problem["channel_weights"] = None
+    terms = loss_of(problem, backend, reduction="none")
+    assert torch.isnan(terms[[0, 2], 1]).all()
+    clean = {**problem, "source_feats": [s.nan_to_num(0.0) for s in source]}
+    expected = spec_loss(**as_spec_args(clean), reduction="none")
+    others = torch.ones_like(terms, dtype=torch.bool)
+    others[[0, 2], 1] = False
+    torch.testing.assert_close(terms[others], expected[others].to(terms.dtype), rtol=1e-9,
+                               atol=1e-11)
+
+
+RESIZES = [((2, 2), (4, 4)), ((3, 3), (5, 4)), ((4, 4), (2, 2)), ((3, 5), (3, 2)),
+           ((2, 3), (6, 3)), ((5, 4), (3, 7))]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("source_size, target_size", RESIZES)
+def test_infinite_source_value_gives_the_references_result(backend, dtype, source_size,
+                                                           target_size):
+    # F.interpolate blends (1 - w) * lo + w * hi: an infinite tap gives inf, or NaN where it
+    # weighs 0. The blend lo + w * (hi - lo) gave NaN (inf - inf) where it gives inf.
+    generator = torch.Generator().manual_seed(3)
+    positions = [(y, x) for y in range(source_size[0]) for x in range(source_size[1])]
+    source = torch.randn(len(positions), 1, *source_size, generator=generator,
+                         dtype=torch.float64)
+    for sample, (y, x) in enumerate(positions):  # one infinite value per sample
+        source[sample, 0, y, x] = float("inf") if sample % 2 else -float("inf")
+    target = torch.randn(len(positions), 2, *target_size, generator=generator,
+                         dtype=torch.float64)
+    weight = torch.randn(1, 2, generator=generator, dtype=torch.float64)
+    args = dict(source_feats=[source.to(dtype)], target_feats=[target.to(dtype)],
+                pairs=[(0, 0)], weight=[weight.to(dtype)])
+    terms = l2t_fast.weighted_feature_matching(**args, reduction="none", backend=backend)
+    expected = spec_loss(**as_spec_args(args), reduction="none")
+    torch.testing.assert_close(terms.double(), expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("per_pair", [False, True])
+def test_beta_that_requires_grad_is_differentiated(backend, per_pair):
+    # Such a beta used to be read with .tolist(): silently detached, its gradient lost.
+    problem = resized_problem()
+    pairs = len(problem["pairs"])
+    beta = (torch.linspace(0.2, 1.5, pairs, dtype=torch.float64) if per_pair
+            else torch.tensor(0.7, dtype=torch.float64)).requires_grad_()
+    inputs = differentiable_inputs(problem) + [beta]
+    ours = loss_of(problem, backend, beta=beta)
+    spec = spec_loss(**as_spec_args(problem),
+                     beta=list(beta.unbind()) if per_pair else [beta] * pairs)
+    torch.testing.assert_close(ours, spec, rtol=1e-9, atol=1e-11)
+    assert_same_grads(grads(ours, inputs), grads(spec, inputs), rtol=1e-9, atol=1e-11)
+
+    fixed = {key: [t.detach() for t in value] if isinstance(value, list) and key != "pairs"
+             else value for key, value in problem.items()}
+    assert torch.autograd.gradcheck(lambda b: loss_of(fixed, backend, beta=b, reduction="none"),
+                                    (beta,))
+    # The gradient without the loss (the lookahead steps') is differentiable in beta too.
+    target = problem["target_feats"]
+    ours_first = weighted_feature_matching_grads(**problem, beta=beta, create_graph=True,
+                                                 backend=backend)[0]
+    spec_first = torch.autograd.grad(spec, target, create_graph=True)
+    assert_same_grads(grads(sum(g.sum() for g in ours_first), [beta]),
+                      grads(sum(g.sum() for g in spec_first), [beta]), rtol=1e-9, atol=1e-11)

@@ -1,4 +1,6 @@
 """Every bad input is refused before any kernel runs, with an error naming what is wrong."""
+import re
+
 import pytest
 import torch
 
@@ -145,3 +147,42 @@ def test_errors_come_before_any_kernel(problem, monkeypatch):
     monkeypatch.setattr(backends, "resolve", no_kernel)
     with pytest.raises(ValueError):
         call(problem, weight=problem["weight"][:1])
+
+
+@pytest.mark.parametrize("argument, index, shape, what", [
+    ("target_feats", 0, [2, 4, 4, 0], "width"),
+    ("source_feats", 1, [2, 5, 0, 2], "height"),
+    ("source_feats", 0, [2, 0, 4, 4], "channels"),
+    ("target_feats", 1, [2, 0, 3, 3], "channels"),
+])
+def test_empty_feature_map_names_argument_layer_and_shape(problem, monkeypatch, argument,
+                                                          index, shape, what):
+    # On the cpu backend, these killed the process (SIGFPE, SIGSEGV) or gave NaN.
+    from l2t_fast.matching import backends
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel was reached")
+
+    maps = list(problem[argument])
+    maps[index] = torch.randn(*shape, dtype=torch.float64)
+    monkeypatch.setattr(backends, "resolve", no_kernel)
+    message = re.escape(f"{argument}[{index}] has no {what} (shape {shape})")
+    with pytest.raises(ValueError, match=message):
+        call(problem, **{argument: maps})
+
+
+def test_empty_batch_keeps_its_behaviour():
+    problem = random_problem([(0, 3, 4, 4)], [(0, 2, 2, 2)], [(0, 0)])
+    assert call(problem, reduction="none").shape == (1, 0)
+    assert torch.isnan(call(problem))
+
+
+@pytest.mark.parametrize("beta, message", [
+    (torch.full((2, 1), 0.5), r"beta must be a float or one float per pair \(a 0-D or 1-D "
+                              r"tensor\), got a tensor of shape \[2, 1\]"),
+    (torch.tensor([0.5, 0.5, 0.5]), "beta must be a float or one float per pair: got 3 values"),
+    ([torch.tensor(0.5), 0.5], r"beta\[0\] must be a number, got Tensor"),
+])
+def test_bad_beta_names_beta(problem, beta, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(problem, beta=beta)

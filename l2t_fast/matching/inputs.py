@@ -24,7 +24,7 @@ class MatchingInputs:
     bias: Optional[list]  # b_i, [Cs_m], or None
     channel_weights: Optional[list]  # w_i, [B, Cs_m], or None
     pair_weights: Optional[list]     # lam_i, [B], or None
-    beta: list            # one float per pair
+    beta: object          # one float per pair (a list), or a [P] tensor
 
     @property
     def source_channels(self):
@@ -47,6 +47,15 @@ def _check_tensor_list(name, values, allow_none=False):
         if not (t.is_floating_point()):
             raise TypeError(f"{name}[{i}] must be a floating-point tensor, got dtype {t.dtype}")
     return list(values)
+
+
+def _check_not_empty(name, i, feature_map):
+    """Channels, height and width must be at least 1 (an empty map has no mean error and
+    would reach the kernels with nothing to resize from); an empty batch is allowed."""
+    for axis, what in ((1, "channels"), (2, "height"), (3, "width")):
+        if feature_map.shape[axis] == 0:
+            raise ValueError(f"{name}[{i}] has no {what} (shape {_shape(feature_map)}): every "
+                             f"feature map needs at least one channel, row and column")
 
 
 def _check_per_pair(name, values, num_pairs):
@@ -78,11 +87,20 @@ def _check_pairs(pairs, num_source, num_target):
 
 
 def _check_beta(beta, num_pairs):
+    """One float per pair, or, for a floating-point tensor, a ``[P]`` tensor that keeps its
+    autograd graph (a beta that requires grad is differentiated, never detached)."""
     if isinstance(beta, Real) and not isinstance(beta, bool):
         return [float(beta)] * num_pairs
     if isinstance(beta, Tensor):
-        beta = beta.tolist() if beta.dim() == 1 else beta.item()
-        return _check_beta(beta, num_pairs)
+        if beta.dim() > 1:
+            raise ValueError(f"beta must be a float or one float per pair (a 0-D or 1-D "
+                             f"tensor), got a tensor of shape {_shape(beta)}")
+        if beta.dim() == 1 and beta.shape[0] != num_pairs:
+            raise ValueError(f"beta must be a float or one float per pair: got {beta.shape[0]} "
+                             f"values for {num_pairs} pairs")
+        if not beta.is_floating_point():
+            return _check_beta(beta.tolist(), num_pairs)
+        return beta.expand(num_pairs)
     if isinstance(beta, Sequence) and not isinstance(beta, (str, bytes)):
         if len(beta) != num_pairs:
             raise ValueError(f"beta must be a float or one float per pair: got {len(beta)} values "
@@ -91,7 +109,7 @@ def _check_beta(beta, num_pairs):
             if isinstance(b, bool) or not isinstance(b, Real):
                 raise TypeError(f"beta[{i}] must be a number, got {type(b).__name__}")
         return [float(b) for b in beta]
-    raise TypeError(f"beta must be a float or a list of floats, got {type(beta).__name__}")
+    raise TypeError(f"beta must be a float, a list of floats or a tensor, got {type(beta).__name__}")
 
 
 def check_matching_inputs(source_feats, target_feats, pairs, weight, bias=None,
@@ -108,6 +126,7 @@ def check_matching_inputs(source_feats, target_feats, pairs, weight, bias=None,
         for i, t in enumerate(feats):
             if t.dim() != 4:
                 raise ValueError(f"{name}[{i}] must be 4-D [B, C, H, W], got shape {_shape(t)}")
+            _check_not_empty(name, i, t)
     batch = source[0].shape[0]
     for name, feats in (("source_feats", source), ("target_feats", target)):
         for i, t in enumerate(feats):

@@ -15,14 +15,14 @@ from l2t_fast.matching.inputs import check_matching_inputs, check_tangents
 from l2t_fast.matching.backends.registration import errors_dtype
 
 
-def _segment_matrix(channels, like, mean):
-    """[sum_i Cs_i, P]: sums (or, with ``mean``, averages) each pair's block of columns."""
-    rows = torch.repeat_interleave(torch.arange(len(channels), device=like.device),
-                                   torch.tensor(channels, device=like.device))
-    matrix = torch.nn.functional.one_hot(rows, len(channels)).to(like.dtype)
-    if mean:
-        matrix = matrix / torch.tensor(channels, dtype=like.dtype, device=like.device)
-    return matrix
+def _pair_sums(columns, channels):
+    """[B, P]: each pair's block of columns of ``columns [B, sum_i Cs_i]`` summed.
+
+    Block by block, not as a product with a 0/1 matrix: a product adds ``0 * x`` for every
+    other pair's column, so a NaN or Inf in one pair would turn every pair's sum NaN.
+    """
+    return torch.stack([block.sum(dim=1) for block in torch.split(columns, channels, dim=1)],
+                       dim=1)
 
 
 def _prepare(source_feats, target_feats, pairs, weight, bias, channel_weights, pair_weights,
@@ -41,13 +41,17 @@ def _weigh(errors, inputs, reduction):
     """The loss from the channel errors ``[B, sum_i Cs_i]``; linear in ``errors``."""
     channels = inputs.source_channels
     if inputs.channel_weights is None:
-        per_sample = errors @ _segment_matrix(channels, errors, mean=True)
+        per_sample = _pair_sums(errors, channels) / errors.new_tensor(channels)
     else:
         what = torch.cat(inputs.channel_weights, dim=1).to(errors.dtype)
-        per_sample = (errors * what) @ _segment_matrix(channels, errors, mean=False)
+        per_sample = _pair_sums(errors * what, channels)
     if inputs.pair_weights is not None:
         per_sample = per_sample * torch.stack(inputs.pair_weights, dim=1).to(errors.dtype)
-    per_sample = per_sample * torch.tensor(inputs.beta, dtype=errors.dtype, device=errors.device)
+    if isinstance(inputs.beta, torch.Tensor):  # differentiable, one per pair
+        beta = inputs.beta.to(dtype=errors.dtype, device=errors.device)
+    else:
+        beta = errors.new_tensor(inputs.beta)
+    per_sample = per_sample * beta
     if reduction == "none":
         return per_sample.t()
     return per_sample.mean(dim=0).sum()

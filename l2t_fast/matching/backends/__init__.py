@@ -3,17 +3,20 @@
 A backend is a name, a check of whether it can run here (and on given inputs), and a
 ``channel_errors`` function (see ``registration`` for the ops behind the compiled ones).
 ``"auto"`` picks the fastest available backend for the inputs' device and dtype; naming
-one that cannot run raises an error that says why, never a silent fallback.
+one that cannot run raises an error that says why, never a silent fallback. A backend
+other than the reference is checked against it once per (device, dtype) in a process
+(``self_check``) before it is first handed out.
 """
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Callable, Optional
 
 import torch
 
-from l2t_fast.matching.backends import compiled, reference  # noqa: F401  (cheap; Triton loads lazily)
+from l2t_fast.matching.backends import compiled, reference, self_check  # noqa: F401  (cheap; Triton loads lazily)
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 # Preference of "auto" among GPU backends. Not yet measured on a GPU (no device in the
@@ -25,6 +28,10 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 class BackendUnavailable(RuntimeError):
     """A backend was asked for by name but cannot run here, or not on these inputs."""
+
+
+class BackendMismatch(BackendUnavailable):
+    """A backend's results on the self-check's problem differ from the reference backend's."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +126,15 @@ def available_backends():
 
 
 def resolve(name, device, dtype) -> Backend:
-    """The backend to use for inputs on ``device`` of ``dtype``; ``name`` may be ``"auto"``."""
+    """The backend to use for inputs on ``device`` of ``dtype``; ``name`` may be ``"auto"``.
+
+    Raises ``BackendMismatch`` if the backend fails its self-check here."""
+    backend = _choose(name, device, dtype)
+    _ensure_checked(backend, device, dtype)
+    return backend
+
+
+def _choose(name, device, dtype):
     if name == "auto":
         if device.type == "cuda":
             candidates = GPU_PREFERENCE + ("reference",)
@@ -140,3 +155,26 @@ def resolve(name, device, dtype) -> Backend:
     if problem is not None:
         raise BackendUnavailable(f"backend {name!r} cannot take these inputs: {problem}")
     return backend
+
+
+_checked = set()  # (backend, device, dtype) that passed the self-check in this process
+_check_lock = threading.Lock()
+
+
+def _ensure_checked(backend, device, dtype):
+    """Once per (backend, device, dtype): the self-check, or ``BackendMismatch``. Skipped
+    while torch.compile traces (the next eager call checks)."""
+    key = (backend.name, str(device), dtype)
+    if backend.name == "reference" or key in _checked or torch.compiler.is_compiling():
+        return
+    with _check_lock:
+        if key in _checked:
+            return
+        difference = self_check.first_difference(backend, device, dtype)
+        if difference is not None:
+            raise BackendMismatch(
+                f"backend {backend.name!r} failed its self-check on {device} {dtype}: "
+                f"{difference}; its results cannot be trusted here. Choose another backend: "
+                f"backend=\"reference\" (always correct, slower) in the Python API, or "
+                f"--backend reference on the command line")
+        _checked.add(key)
