@@ -55,8 +55,10 @@ class Backend:
     def channel_errors_with_grads(self):
         """The fused op (``registration``: the errors and the gradients of ``<grad_errors,
         E>`` in one sweep), or None where the backend has no kernel for it: only the C++
-        CPU kernels do."""
-        return torch.ops.l2t_fast.channel_errors_with_grads if self.name == "cpu" else None
+        CPU kernels do (and not an extension built before it: that one keeps working)."""
+        if self.name != "cpu":
+            return None
+        return getattr(torch.ops.l2t_fast, "channel_errors_with_grads", None)
 
     def _module(self):
         # Imported by the availability check already; sys.modules keeps torch.compile's
