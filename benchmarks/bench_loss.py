@@ -1,5 +1,7 @@
 """Forward + backward of the weighted feature-matching loss: our backends against the
-eager reference and torch.compile of the reference, on the same inputs, in one run.
+eager reference, torch.compile of it, and the loss as a user would write it in plain
+PyTorch (``F.interpolate``, a 1x1 ``F.conv2d``, the weights; eager and compiled), on the
+same inputs, in one run.
 
     python -m pytest benchmarks/bench_loss.py --benchmark-only
     python -m pytest benchmarks/bench_loss.py --benchmark-only -k gpu   # on a CUDA machine
@@ -9,6 +11,7 @@ summary at the end of the run prints time and memory as ratios to the references
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 import l2t_fast
 from l2t_fast.matching.backends import reference as reference_backend
@@ -25,7 +28,7 @@ CONFIGS = {
     "gpu-resnet-bf16": ("cuda", torch.bfloat16, 64, [(64, 56), (128, 28), (256, 14), (512, 7)],
                         [(64, 56), (128, 28), (256, 14), (512, 7)]),
 }
-REFERENCES = ("reference", "reference-compiled")
+REFERENCES = ("reference", "reference-compiled", "conv2d", "conv2d-compiled")
 OUR_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 CASES = [(config, implementation) for config, (device, *_) in CONFIGS.items()
          for implementation in REFERENCES + OUR_BACKENDS[device]]
@@ -67,11 +70,31 @@ def reference_loss(source_feats, target_feats, pairs, weight, bias, channel_weig
     return total
 
 
+def conv2d_loss(source_feats, target_feats, pairs, weight, bias, channel_weights,
+                pair_weights, beta=0.5):
+    """The loss as a user would write it: resize, project by a 1x1 convolution, weigh."""
+    total = 0
+    for i, (m, n) in enumerate(pairs):
+        target = target_feats[n]
+        source = source_feats[m]
+        if source.shape[-2:] != target.shape[-2:]:
+            source = F.interpolate(source, size=target.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+        projection = F.conv2d(target, weight[i][:, :, None, None], bias[i])
+        error = (source - projection).pow(2).mean(dim=(2, 3))
+        total = total + beta * ((error * channel_weights[i]).sum(1) * pair_weights[i]).mean()
+    return total
+
+
 def loss_function(implementation):
     if implementation == "reference":
         return reference_loss
     if implementation == "reference-compiled":
         return torch.compile(reference_loss)
+    if implementation == "conv2d":
+        return conv2d_loss
+    if implementation == "conv2d-compiled":
+        return torch.compile(conv2d_loss)
     if implementation not in l2t_fast.available_backends():
         pytest.skip(f"backend {implementation!r} is not available here")
     return lambda **inputs: l2t_fast.weighted_feature_matching(**inputs, backend=implementation)
@@ -97,5 +120,7 @@ def test_forward_backward(benchmark, config, implementation):
         lambda: forward_backward(fn, inputs), inputs["target_feats"][0].device)
     benchmark.extra_info["config"] = config
     benchmark.extra_info["implementation"] = implementation
+    benchmark.extra_info["kernel"] = f"loss/{config}"
+    benchmark.extra_info["mode"] = "forward+backward"
     benchmark.pedantic(forward_backward, args=(fn, inputs), rounds=5 if device == "cpu" else 20,
                        warmup_rounds=1)

@@ -1,14 +1,37 @@
-"""Prints each benchmark's time and peak memory as ratios to the references of its config."""
+"""Prints each benchmark's time and peak memory as ratios to the references of its config,
+and appends every benchmark's numbers to the run history (``history.py``)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+import history  # noqa: E402
+
+# References of bench_loss.py that the summary divides by: (column title, implementation).
+RATIO_TO = (("x eager", "reference"), ("x compile", "reference-compiled"),
+            ("x conv2d", "conv2d"), ("x conv2d-c", "conv2d-compiled"))
+
+
+def measurements(bench):
+    """History rows of one pytest-benchmark result: its times, and its numeric extra_info
+    (peak memory and the like)."""
+    info = bench.extra_info
+    module = Path(bench.fullname.split("::")[0]).stem.removeprefix("bench_")
+    kernel = info.get("kernel", module)
+    implementation = info.get("implementation", bench.param or bench.name)
+    mode = info.get("mode", "")
+    values = {"median_ms": bench.stats.median * 1e3, "min_ms": bench.stats.min * 1e3}
+    values.update((key, value) for key, value in info.items()
+                  if isinstance(value, (int, float)) and not isinstance(value, bool))
+    return [dict(kernel=kernel, implementation=implementation, mode=mode, metric=metric,
+                 value=f"{value:.6g}") for metric, value in values.items()]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
+    history.append([row for bench in session.benchmarks for row in measurements(bench)])
     rows = {}
     for bench in session.benchmarks:
         info = bench.extra_info
@@ -19,15 +42,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     write = terminalreporter.write_line
     write("")
+    write(f"history appended to {history.HISTORY}")
     write("ratios (reference / ours: >1 means ours is faster or smaller)")
     write(f"{'config':<18}{'implementation':<20}{'median ms':>10}{'peak MB':>9}"
-          f"{'x eager':>9}{'x compile':>10}{'mem x eager':>12}")
+          + "".join(f"{title:>11}" for title, _ in RATIO_TO) + f"{'mem x eager':>12}")
     for name, results in rows.items():
         eager = results.get("reference")
-        compiled = results.get("reference-compiled")
         for impl, (median, peak) in results.items():
-            speed = f"{eager[0] / median:9.2f}" if eager else f"{'-':>9}"
-            speed_c = f"{compiled[0] / median:10.2f}" if compiled else f"{'-':>10}"
+            speeds = "".join(f"{results[ref][0] / median:11.2f}" if ref in results
+                             else f"{'-':>11}" for _, ref in RATIO_TO)
             memory = f"{eager[1] / peak:12.2f}" if eager and peak else f"{'-':>12}"
             write(f"{name:<18}{impl:<20}{median * 1e3:10.1f}{peak / 2**20:9.1f}"
-                  f"{speed}{speed_c}{memory}")
+                  f"{speeds}{memory}")

@@ -1,4 +1,4 @@
-// CPU kernels of the three channel-error ops (math: l2t_fast/matching/backends/registration.py).
+// CPU kernels of the four channel-error ops (math: l2t_fast/matching/backends/registration.py).
 //
 // Work is split per sample (parallel over the batch) and per target layer: the regressors
 // of every pair that reads target layer n are stacked into one [rows, Ct] matrix, so a
@@ -6,6 +6,8 @@
 // pairs at once. The tile of D = S~ - W T - b ([rows, tile], a few hundred KB at most) is
 // then finished in place: the bilinear resize of the small source map, the subtraction
 // and the reductions, and it is recomputed in the backward instead of being stored.
+// Where the gradient of the errors is known before the forward (a training step: the loss
+// is linear in E), channel_errors_with_grads makes E and the gradients from the same blocks.
 // Nothing of size [B, Cs, Ht, Wt] is ever allocated. Row sums are `omp simd` reductions
 // (the _Pragma form, as they sit inside the dispatch macro): without that, the compiler
 // keeps the sequential order of the additions and does not vectorise them.
@@ -373,23 +375,39 @@ std::vector<at::Tensor> in_input_layout(std::vector<at::Tensor> grads, at::Tenso
 
 // Scales the rows of a [rows, len] block by (2 / HW) * grad_errors[b, column(row)] and,
 // given `minus_row_sums` (the bias gradient, [rows]), subtracts each scaled row's sum from
-// it in the same pass.
+// it in the same pass. Given `errors_b` (sample b's row of E), it also adds each row's
+// mean square, taken before the scaling, while the block is in cache: the forward's
+// reduction without a pass of its own (the fused op).
 template <typename scalar_t>
 void scale_rows(scalar_t* block, const scalar_t* scaled_grad_b, const TargetGroup& group,
                 const PairPlan& plan, const Prepared& prep, at::IntArrayRef pair_source,
-                int64_t len, scalar_t* minus_row_sums) {
+                int64_t len, scalar_t* minus_row_sums, scalar_t* errors_b = nullptr) {
+  const at::Tensor& t = prep.target[group.target];
+  const scalar_t inv_hw = scalar_t(1) / static_cast<scalar_t>(t.size(2) * t.size(3));
   for (size_t k = 0; k < group.pairs.size(); ++k) {
     const int64_t i = group.pairs[k];
     const int64_t cs = prep.source[pair_source[i]].size(1);
     for (int64_t c = 0; c < cs; ++c) {
-      const int64_t r = group.row_offset[k] + c;
-      const scalar_t factor = scaled_grad_b[plan.column_offset[i] + c];
+      const int64_t r = group.row_offset[k] + c, column = plan.column_offset[i] + c;
+      const scalar_t factor = scaled_grad_b[column];
       scalar_t* row = block + r * len;
       scalar_t sum = 0;
-      _Pragma("omp simd reduction(+ : sum)")
-      for (int64_t j = 0; j < len; ++j) {
-        row[j] *= factor;
-        sum += row[j];
+      if (errors_b) {
+        scalar_t squares = 0;
+        _Pragma("omp simd reduction(+ : sum, squares)")
+        for (int64_t j = 0; j < len; ++j) {
+          const scalar_t value = row[j];
+          squares += value * value;
+          row[j] = value * factor;
+          sum += row[j];
+        }
+        errors_b[column] += squares * inv_hw;
+      } else {
+        _Pragma("omp simd reduction(+ : sum)")
+        for (int64_t j = 0; j < len; ++j) {
+          row[j] *= factor;
+          sum += row[j];
+        }
       }
       if (minus_row_sums) minus_row_sums[r] -= sum;
     }
@@ -459,22 +477,34 @@ void check_grad_errors(const at::Tensor& grad_errors, const Prepared& prep) {
               "channel_errors_backward: grad_errors has dtype ", grad_errors.scalar_type());
 }
 
-GradLists channel_errors_backward_cpu(const at::Tensor& grad_errors, at::TensorList source,
-                                      at::TensorList target, at::TensorList weight,
-                                      at::TensorList bias, at::IntArrayRef pair_source,
-                                      at::IntArrayRef pair_target,
-                                      c10::List<bool> output_mask) {
+using ErrorsAndGrads = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                  std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+// The backward's sweep over the blocks (one GEMM per gradient wanted of T and W, after the
+// one that makes D). With `with_errors`, E comes out too, from the same blocks: the errors
+// and the gradients of <grad_errors, E> in three GEMM passes instead of four.
+ErrorsAndGrads backward_sweep(const at::Tensor& grad_errors, at::TensorList source,
+                              at::TensorList target, at::TensorList weight,
+                              at::TensorList bias, at::IntArrayRef pair_source,
+                              at::IntArrayRef pair_target, const c10::List<bool>& output_mask,
+                              bool with_errors) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels are below autograd
   const Prepared prep(source, target, weight, bias, pair_source, pair_target);
   check_grad_errors(grad_errors, prep);
+  TORCH_CHECK(output_mask.size() == 4, "output_mask has ", output_mask.size(),
+              " entries, expected 4 (source, target, weight, bias)");
   const bool want_s = output_mask[0], want_t = output_mask[1], want_w = output_mask[2],
              want_b = output_mask[3];
+  at::Tensor errors = with_errors ? at::zeros({prep.plan.batch, prep.plan.columns},
+                                              prep.source[0].options())
+                                  : at::Tensor();
   std::vector<at::Tensor> grad_source = want_s ? zeros_like_all(prep.source) : std::vector<at::Tensor>{};
   std::vector<at::Tensor> grad_target = want_t ? target_grads(prep) : std::vector<at::Tensor>{};
   GroupSums total = make_group_sums(prep, want_w, want_b);
   const at::Tensor scaled = scaled_grad(grad_errors, prep, pair_target);
   AT_DISPATCH_FLOATING_TYPES(grad_errors.scalar_type(), "channel_errors_backward_cpu", [&] {
     const scalar_t* sg = scaled.data_ptr<scalar_t>();
+    scalar_t* e = with_errors ? errors.data_ptr<scalar_t>() : nullptr;
     for_each_block<scalar_t, GroupSums>(
         prep, pair_source, [&] { return make_group_sums(prep, want_w, want_b); },
         [&](GroupSums& sums, int64_t b, size_t g, int64_t p0, int64_t len, at::Tensor& d,
@@ -482,7 +512,8 @@ GradLists channel_errors_backward_cpu(const at::Tensor& grad_errors, at::TensorL
           const auto& group = prep.plan.groups[g];
           scalar_t* grad = d.data_ptr<scalar_t>();  // becomes G = scale * D in place
           scale_rows(grad, sg + b * prep.plan.columns, group, prep.plan, prep, pair_source, len,
-                     want_b ? sums.bias[g].data_ptr<scalar_t>() : nullptr);
+                     want_b ? sums.bias[g].data_ptr<scalar_t>() : nullptr,
+                     e ? e + b * prep.plan.columns : nullptr);
           if (want_s) spread_rows(grad_source, grad, b, group, pair_source, scratch, p0, len);
           const at::Tensor t_tile = sample_matrix(prep.target[group.target], b).narrow(1, p0, len);
           if (want_t) {
@@ -493,9 +524,29 @@ GradLists channel_errors_backward_cpu(const at::Tensor& grad_errors, at::TensorL
         },
         [&](GroupSums& sums) { add_group_sums(total, sums); });
   });
-  return {in_input_layout(grad_source, source), in_input_layout(grad_target, target),
+  return {errors, in_input_layout(grad_source, source), in_input_layout(grad_target, target),
           want_w ? split_group_sums(total.weight, prep, weight) : std::vector<at::Tensor>{},
           want_b ? split_group_sums(total.bias, prep, bias) : std::vector<at::Tensor>{}};
+}
+
+GradLists channel_errors_backward_cpu(const at::Tensor& grad_errors, at::TensorList source,
+                                      at::TensorList target, at::TensorList weight,
+                                      at::TensorList bias, at::IntArrayRef pair_source,
+                                      at::IntArrayRef pair_target,
+                                      c10::List<bool> output_mask) {
+  auto [errors, grad_source, grad_target, grad_weight, grad_bias] = backward_sweep(
+      grad_errors, source, target, weight, bias, pair_source, pair_target, output_mask, false);
+  return {grad_source, grad_target, grad_weight, grad_bias};
+}
+
+ErrorsAndGrads channel_errors_with_grads_cpu(const at::Tensor& grad_errors,
+                                             at::TensorList source, at::TensorList target,
+                                             at::TensorList weight, at::TensorList bias,
+                                             at::IntArrayRef pair_source,
+                                             at::IntArrayRef pair_target,
+                                             c10::List<bool> output_mask) {
+  return backward_sweep(grad_errors, source, target, weight, bias, pair_source, pair_target,
+                        output_mask, true);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
@@ -636,6 +687,7 @@ TORCH_LIBRARY_IMPL(l2t_fast, CPU, m) {
   m.impl("channel_errors", &channel_errors_cpu);
   m.impl("channel_errors_backward", &channel_errors_backward_cpu);
   m.impl("channel_errors_double_backward", &channel_errors_double_backward_cpu);
+  m.impl("channel_errors_with_grads", &channel_errors_with_grads_cpu);
 }
 
 }  // namespace l2t_fast

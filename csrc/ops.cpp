@@ -1,4 +1,4 @@
-// The l2t_fast op library: schemas of the three channel-error ops (see
+// The l2t_fast op library: schemas of the four channel-error ops (see
 // l2t_fast/matching/backends/registration.py for their math) and of BatchNorm's double backward
 // (batch_norm_cpu.cpp, used by l2t_fast/methods/l2tww/batchnorm.py), and the Python module l2t_fast._C,
 // whose import loads them. Kernels register per device: *_cpu.cpp, cuda/.
@@ -19,6 +19,10 @@ TORCH_LIBRARY(l2t_fast, m) {
       "Tensor[] source, Tensor[] target, Tensor[] weight, Tensor[] bias, int[] pair_source, "
       "int[] pair_target, bool[] output_mask) "
       "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])");
+  m.def(
+      "channel_errors_with_grads(Tensor grad_errors, Tensor[] source, Tensor[] target, "
+      "Tensor[] weight, Tensor[] bias, int[] pair_source, int[] pair_target, "
+      "bool[] output_mask) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])");
   m.def(
       "batch_norm_double_backward(Tensor input, Tensor weight, Tensor grad_out, Tensor mean, "
       "Tensor invstd, Tensor grad_grad_input, Tensor grad_grad_weight, "

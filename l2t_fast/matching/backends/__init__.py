@@ -58,6 +58,15 @@ class Backend:
         differentiable when grad mode is on."""
         return self._module().channel_errors_vjp
 
+    @property
+    def channel_errors_with_grads(self):
+        """The fused op (``registration``: the errors and the gradients of ``<grad_errors,
+        E>`` in one sweep), or None where the backend has no kernel for it: only the C++
+        CPU kernels do (and not an extension built before it: that one keeps working)."""
+        if self.name != "cpu":
+            return None
+        return getattr(torch.ops.l2t_fast, "channel_errors_with_grads", None)
+
     def _module(self):
         # Imported by the availability check already; sys.modules keeps torch.compile's
         # tracing away from the import machinery.

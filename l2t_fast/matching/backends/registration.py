@@ -1,7 +1,7 @@
-"""Fake kernels and autograd for the three channel-error ops, shared by every compiled backend.
+"""Fake kernels and autograd for the channel-error ops, shared by every compiled backend.
 
 Each compiled backend (C++ CPU, CUDA, Triton) implements the same three ops, named in its
-own namespace:
+own namespace (the C++ CPU kernels a fourth, the fused training step, below):
 
 - ``channel_errors(source, target, weight, bias, pair_source, pair_target) -> Tensor``:
   ``E [B, sum_i Cs_i]``, ``E[b, off_i + c] = mean_hw (S~ - W_i T - b_i)^2``.
@@ -17,6 +17,13 @@ own namespace:
   along the tangent; a None tangent counts as zero): ``grad_grad_errors = (2 / HW) sum_hw U D``
   and, with ``G_D = (2 / HW) grad_errors * U`` and ``G_U = (2 / HW) grad_errors * D``:
   ``resize^T G_D``, ``-W^T G_D - vW^T G_U``, ``-sum_b (G_D T^T + G_U vT^T)``, ``-sum G_D``.
+
+- ``channel_errors_with_grads(grad_errors, source, target, weight, bias, pair_source,
+  pair_target, output_mask) -> (errors, grad_source[], grad_target[], grad_weight[],
+  grad_bias[])``: ``channel_errors`` and ``channel_errors_backward`` at once, from the same
+  blocks of D (three GEMM passes, not four), for a caller that knows ``grad_errors`` before
+  the forward: the loss is linear in E. Not differentiable itself (no autograd formula);
+  ``l2t_fast.matching.loss`` wraps it in an ``autograd.Function``.
 
 The backward is linear in ``grad_errors``, so the double backward never needs third
 derivatives of the kernels; the weighting by channel and pair weights stays in PyTorch.
@@ -53,6 +60,12 @@ def _fake_double_backward(grad_errors, tangent_source, tangent_target, tangent_w
                           output_mask):
     return (torch.empty_like(grad_errors),) + _fake_grads(source, target, weight, bias,
                                                           output_mask)
+
+
+def _fake_with_grads(grad_errors, source, target, weight, bias, pair_source, pair_target,
+                     output_mask):
+    return ((_fake_errors(source, target, weight, bias, pair_source, pair_target),)
+            + _fake_grads(source, target, weight, bias, output_mask))
 
 
 def _grad_mask(*groups):
@@ -107,6 +120,8 @@ def register(namespace):
     torch.library.register_fake(name)(_fake_errors)
     torch.library.register_fake(name + "_backward")(_fake_backward)
     torch.library.register_fake(name + "_double_backward")(_fake_double_backward)
+    if hasattr(ops, "channel_errors_with_grads"):  # only the C++ library defines it
+        torch.library.register_fake(name + "_with_grads")(_fake_with_grads)
 
     def setup_errors(ctx, inputs, output):
         source, target, weight, bias, pair_source, pair_target = inputs
