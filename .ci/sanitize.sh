@@ -28,6 +28,7 @@ export PYTHONPATH="$scratch" L2T_FAST_REQUIRE_EXTENSION=1
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 LD_PRELOAD="$libasan $libubsan" python - <<PY
+import torch  # noqa: F401  (loads libc10 and libtorch, which the extension links)
 import l2t_fast._C as extension
 assert extension.__file__.startswith("$scratch"), f"loaded {extension.__file__}, not the sanitized build"
 PY

@@ -131,6 +131,10 @@ def _fused_step_applies(inputs, chosen, reduction):
         return False
     if chosen.channel_errors_with_grads is None:
         return False
+    # an empty batch has no mean to fuse, and a differentiable beta takes the plain path,
+    # where autograd differentiates the weighting in it
+    if inputs.source[0].shape[0] == 0 or isinstance(inputs.beta, torch.Tensor):
+        return False
     differentiable = (inputs.source + inputs.target + inputs.weight + inputs.bias
                       + (inputs.channel_weights or []) + (inputs.pair_weights or []))
     return any(t.requires_grad for t in differentiable)
