@@ -312,7 +312,8 @@ def test_beta_that_requires_grad_is_differentiated(backend, per_pair):
     spec = spec_loss(**as_spec_args(problem),
                      beta=list(beta.unbind()) if per_pair else [beta] * pairs)
     torch.testing.assert_close(ours, spec, rtol=1e-9, atol=1e-11)
-    assert_same_grads(grads(ours, inputs), grads(spec, inputs), rtol=1e-9, atol=1e-11)
+    assert_same_grads(grads(ours, inputs), grads(spec, inputs, create_graph=True), rtol=1e-9,
+                      atol=1e-11)
 
     fixed = {key: [t.detach() for t in value] if isinstance(value, list) and key != "pairs"
              else value for key, value in problem.items()}
