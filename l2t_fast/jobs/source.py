@@ -76,7 +76,7 @@ def load_source(config, device):
         raise ValueError(f"source_checkpoint {path!r} is not a file")
     state = state_dict_of(checkpoint.load(path, "source_checkpoint",
                                           "give a state_dict saved with torch.save"), path)
-    model = build_model(config["source_model"], 1, image_size=config["image_size"])
+    model = build_model(config["source_model"], 1, image_size=config.get("image_size"))
     head_weight = state.get(head_name(model) + ".weight")
     if head_weight is None:
         raise ValueError(f"source_checkpoint {path!r} has no {head_name(model)}.weight: is it "
