@@ -7,6 +7,11 @@
 # marked `vision` run (torchvision and timm models, the paper's recipe end to end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Build in a scratch copy of the committed tree: an editable install builds l2t_fast/_C*.so
+# in place, and a build against torch 2.14.1 must not replace the checkout's own (torch 2.13).
+scratch="$(mktemp -d "${TMPDIR:-/tmp}/l2t_fast_vision.XXXXXX")"
+git archive HEAD | tar -x -C "$scratch"
+cd "$scratch"
 start=$SECONDS
 
 python3 -m venv .venv-vision
