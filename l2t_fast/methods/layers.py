@@ -4,8 +4,8 @@ import copy
 
 from l2t_fast.jobs.options import Flag, Int, Option
 from l2t_fast.methods import register
-from l2t_fast.methods.base import Method
-from l2t_fast.models import get_module, replace_head, stage_names
+from l2t_fast.methods.supervised import WithFrozenStages, first_stages
+from l2t_fast.models import replace_head
 
 
 def reinitialise(module):
@@ -29,7 +29,7 @@ def reinitialise(module):
                    Option("freeze_transferred", False, Flag(),
                           "layer-transfer: keep the copied stages fixed (AnB) instead of "
                           "fine-tuning them (AnB+)")])
-class LayerTransfer(Method):
+class LayerTransfer(WithFrozenStages):
     """Stages are ``models.stage_names``; the stages after the first ``transfer_stages``
     and the new head start from a fresh initialisation. With ``freeze_transferred`` the
     copied stages keep their weights and BatchNorm statistics (eval mode)."""
@@ -37,22 +37,8 @@ class LayerTransfer(Method):
     def __init__(self, setup, transfer_stages, freeze_transferred, **sgd):
         model = replace_head(copy.deepcopy(setup.source_model), setup.num_classes)
         model.requires_grad_(True)
-        stages = stage_names(model)
-        if not 0 <= transfer_stages <= len(stages):
-            raise ValueError(f"transfer_stages must be in [0, {len(stages)}] for this model "
-                             f"(stages {stages}), got {transfer_stages}")
-        copied = set(stages[:transfer_stages])
+        copied = first_stages(model, transfer_stages, "transfer_stages")
         for name, child in model.named_children():
             if name not in copied:
                 reinitialise(child)
-        self.frozen = []
-        if freeze_transferred:
-            self.frozen = [get_module(model, name) for name in stages[:transfer_stages]]
-            for stage in self.frozen:
-                stage.requires_grad_(False)
-        super().__init__(model, **sgd)
-
-    def losses(self, batch):
-        for stage in self.frozen:
-            stage.eval()
-        return super().losses(batch)
+        super().__init__(model, copied if freeze_transferred else [], **sgd)

@@ -15,23 +15,23 @@ class Scratch(Method):
         super().__init__(setup.target_model, **sgd)
 
 
-@register("finetune", order=10, summary="the source network with a new head, trained on "
-          "the target labels",
-          options=[Option("freeze_stages", 0, Int(0),
-                          "finetune: keep the first k stages of the source frozen")])
-class FineTune(Method):
-    """The source network with a new head; its first ``freeze_stages`` stages (see
-    ``models.stage_names``) keep their source weights and BatchNorm statistics. Fine-tuning
-    *is* training the source network on the target task, whatever the target architecture."""
+def first_stages(model, count, option):
+    """The names of the first ``count`` stages of ``model`` (``models.stage_names``); a count
+    the model does not have is a ValueError naming ``option``."""
+    stages = stage_names(model)
+    if not 0 <= count <= len(stages):
+        raise ValueError(f"{option} must be in [0, {len(stages)}] for this model "
+                         f"(stages {stages}), got {count}")
+    return stages[:count]
 
-    def __init__(self, setup, freeze_stages, **sgd):
-        model = replace_head(copy.deepcopy(setup.source_model), setup.num_classes)
-        model.requires_grad_(True)
-        stages = stage_names(model)
-        if not 0 <= freeze_stages <= len(stages):
-            raise ValueError(f"freeze_stages must be in [0, {len(stages)}] for this model "
-                             f"(stages {stages}), got {freeze_stages}")
-        self.frozen = [get_module(model, name) for name in stages[:freeze_stages]]
+
+class WithFrozenStages(Method):
+    """Trains ``model`` with the stages named ``frozen`` fixed: no gradients, and BatchNorm
+    statistics kept too (those stages are put in eval mode before every step, since the job
+    puts the whole model in train mode)."""
+
+    def __init__(self, model, frozen, **sgd):
+        self.frozen = [get_module(model, name) for name in frozen]
         for stage in self.frozen:
             stage.requires_grad_(False)
         super().__init__(model, **sgd)
@@ -40,3 +40,18 @@ class FineTune(Method):
         for stage in self.frozen:
             stage.eval()
         return super().losses(batch)
+
+
+@register("finetune", order=10, summary="the source network with a new head, trained on "
+          "the target labels",
+          options=[Option("freeze_stages", 0, Int(0),
+                          "finetune: keep the first k stages of the source frozen")])
+class FineTune(WithFrozenStages):
+    """The source network with a new head; its first ``freeze_stages`` stages keep their
+    source weights and BatchNorm statistics. Fine-tuning *is* training the source network
+    on the target task, whatever the target architecture."""
+
+    def __init__(self, setup, freeze_stages, **sgd):
+        model = replace_head(copy.deepcopy(setup.source_model), setup.num_classes)
+        model.requires_grad_(True)
+        super().__init__(model, first_stages(model, freeze_stages, "freeze_stages"), **sgd)
