@@ -52,6 +52,15 @@ def test_a_folder_streams_from_its_file_list(tmp_path):
     assert torch.equal(data.probe_images(3), test[0][0][:3])
 
 
+def test_in_memory_holds_the_evaluation_images_for_analyze(tmp_path):
+    make_folder(tmp_path, classes=2, per_class=4)
+    data = load_data(str(tmp_path), image_size=8)
+    tensors = data.in_memory()
+    (test, labels), = data.test_batches()
+    assert torch.equal(tensors.test_images, test) and torch.equal(tensors.test_labels, labels)
+    assert tensors.pool_images.shape == (4, 3, 8, 8) and tensors.num_classes == 2
+
+
 def test_train_and_val_subfolders(tmp_path):
     make_folder(tmp_path / "train", per_class=3)
     make_folder(tmp_path / "val", per_class=2)

@@ -165,6 +165,17 @@ class StreamingData:
         count = min(count, len(self._test))
         return torch.cat([x for x, _ in self._in_order(self._test_set, range(count), 256)])
 
+    def in_memory(self):
+        """The data set as an in-memory ``TransferData`` of its pool and test images under
+        the evaluation transform, for ``l2t-fast analyze``, whose measurements take whole
+        tensors; it holds every image, so it is for data sets that fit."""
+        from l2t_fast.data import TransferData
+
+        pool = torch.cat([x for x, _ in self.pool_batches(torch.arange(len(self._pool)))])
+        test = torch.cat([x for x, _ in self.test_batches()])
+        return TransferData(self.name, pool.cpu(), self.pool_labels, test.cpu(),
+                            self.test_labels, self.num_classes)
+
     def pool_statistics(self):
         """Per-channel mean and standard deviation of the pool's pixels under the
         evaluation transform (one pass, in float64 so that order does not matter much)."""

@@ -111,7 +111,8 @@ def add_arguments(parser):
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (1e-4)")
     parser.add_argument("--augment-shift", type=int, default=4,
-                        help="random translation in pixels (4; 0: none)")
+                        help="random translation of the digits in pixels (4; 0: none; "
+                             "image folders get random resized crops and flips)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--workers", type=_workers, default="auto",
                         help="DataLoader processes that decode an image folder (auto: "

@@ -63,7 +63,8 @@ def differing_keys(a, b, ignore=()):
 def claim(folder, config, resume):
     """Make ``folder`` this job's (writing ``job.json``), or check that it is: a folder of
     another job is refused unless ``resume``, and then its config may differ from ``config``
-    only in ``EXTENDABLE`` keys. Also proves the folder writable before anything runs."""
+    only in ``EXTENDABLE`` and ``RESULT_NEUTRAL`` keys. Also proves the folder writable
+    before anything runs."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
