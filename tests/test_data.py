@@ -1,4 +1,5 @@
-"""The in-memory data sets, the labelled subsets, batching and augmentation."""
+"""The data sets, the labelled subsets, batching and augmentation of the in-memory ones
+(the streaming ones: tests/test_data_pipeline.py)."""
 import numpy as np
 import pytest
 import torch
@@ -72,13 +73,15 @@ def write_folder(root, classes=("cat", "dog"), per_class=4):
             Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
-def test_image_folder_is_loaded_split_and_standardised(tmp_path):
+def test_image_folder_is_listed_split_and_standardised(tmp_path):
     write_folder(tmp_path)
     data = load_data(str(tmp_path), image_size=8)
-    assert data.num_classes == 2 and data.source_images is None
-    assert data.pool_images.shape == (4, 3, 8, 8) and data.test_images.shape == (4, 3, 8, 8)
+    assert data.num_classes == 2 and not data.has_source_task
     assert torch.bincount(data.pool_labels).tolist() == [2, 2]
-    assert abs(float(data.pool_images.mean())) < 1e-5
+    assert len(data.test_labels) == 4
+    (pool, labels), = data.pool_batches(torch.arange(4))
+    assert pool.shape == (4, 3, 8, 8) and torch.equal(labels, data.pool_labels)
+    assert abs(float(pool.mean())) < 1e-5
 
 
 def test_image_folder_with_train_and_test_subfolders(tmp_path):

@@ -1,11 +1,13 @@
-"""Data for the transfer job, held in memory as tensors.
+"""Data for the transfer job.
 
-Every data set becomes one ``TransferData``: a target training pool (from which each seed
-draws its few labelled images per class; all of it serves as unlabelled target images), a
-fixed held-out target test split, and, for the embedded scenarios only, a source task to
-pretrain the source network on. Keeping the small data sets as tensors makes batch order
-and augmentation a function of one ``torch.Generator``, which is what lets a resumed run
-reproduce an uninterrupted one.
+Every data set gives a target training pool (from which each seed draws its few labelled
+images per class; all of it serves as unlabelled target images), a fixed held-out target
+test split, and, for the embedded scenarios only, a source task to pretrain the source
+network on. The small embedded data sets are held in memory as tensors
+(``TransferData``); image folders and torchvision data sets stream from disk through
+DataLoader workers (``l2t_fast.data.streaming.StreamingData``), with the same methods. In
+both, batch order and augmentation are a function of the ``torch.Generator`` the job
+passes, which is what lets a resumed run reproduce an uninterrupted one.
 """
 import os
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 @dataclass
 class TransferData:
     """A data set of the job, in memory. The job reads it only through the methods below,
-    so that a data set that streams from disk can stand in for it."""
+    so that a data set that streams from disk (``StreamingData``) can stand in for it."""
     name: str
     pool_images: torch.Tensor  # [N, C, H, W] target images a seed may draw labels from
     pool_labels: torch.Tensor  # [N] int64 in [0, num_classes)
@@ -46,6 +48,12 @@ class TransferData:
     def labelled(self, indices):
         """The labelled training images ``indices`` of the pool: ``(images, labels)``."""
         return self.pool_images[indices], self.pool_labels[indices]
+
+    def pool_batches(self, indices, batch_size=256):
+        """The pool's images ``indices`` as ``(x, y)`` batches, not augmented."""
+        images, labels = self.labelled(indices)
+        return [(images[i:i + batch_size], labels[i:i + batch_size])
+                for i in range(0, len(images), batch_size)]
 
     def labelled_batches(self, indices, batch_size, generator, shift):
         """One epoch of shuffled ``(x, y)`` batches of the pool's images ``indices``."""
@@ -88,9 +96,12 @@ def offers(data, scenario):
     return {"unlabelled", "source_batches"}
 
 
-def load_data(data="digits", data_root=None, image_size=32, scenario="task"):
-    """``digits`` (embedded; ``scenario`` picks which), an image-folder path, or a
-    torchvision data set name."""
+def load_data(data="digits", data_root=None, image_size=32, scenario="task", *,
+              statistics=None, workers=0):
+    """``digits`` (embedded, in memory; ``scenario`` picks which), or, streamed from disk,
+    an image-folder path or a torchvision data set name: normalised with ``statistics``
+    (``(mean, std)`` per channel, e.g. the source model's) or else the pool's own, and
+    decoded by ``workers`` DataLoader processes ("auto": ``min(4, CPU count)``)."""
     if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
     if data == "digits":
@@ -100,8 +111,9 @@ def load_data(data="digits", data_root=None, image_size=32, scenario="task"):
     from l2t_fast.data.folders import load_image_folder, load_torchvision
 
     if os.path.isdir(data):
-        return load_image_folder(data, image_size)
-    return load_torchvision(data, data_root, image_size)
+        return load_image_folder(data, image_size, statistics=statistics, workers=workers)
+    return load_torchvision(data, data_root, image_size, statistics=statistics,
+                            workers=workers)
 
 
 def stratified_mask(labels, fraction, seed):

@@ -1,33 +1,47 @@
-"""Real data sets: image folders and torchvision data sets, loaded into memory."""
+"""Real data sets: image folders and torchvision data sets, streamed from disk
+(``l2t_fast.data.streaming``): only their file lists (or indices) and labels are held."""
 import os
 
-import numpy as np
 import torch
 
-from l2t_fast.data import IMAGE_SUFFIXES, TransferData, stratified_mask
+from l2t_fast.data import IMAGE_SUFFIXES, stratified_mask
+from l2t_fast.data.streaming import DatasetImages, FileImages, StreamingData
 
 
-def load_image_folder(path, image_size=32, test_fraction=0.5):
+def load_image_folder(path, image_size=32, test_fraction=0.5, statistics=None, workers=0):
     """ImageFolder layout: ``path/CLASS/*.png``, or ``path/train/CLASS`` and ``path/test/CLASS``
     (or ``val``). Without a test folder, a fixed half of each class is held out as test.
-    Images are loaded with PIL, converted to RGB, resized, and standardised per channel
-    with the training pool's statistics."""
+    Images are normalised per channel with ``statistics`` (``(mean, std)``, e.g. the
+    source model's), or else with the training pool's own."""
     split_dirs = [os.path.join(path, name) for name in ("test", "val")]
     test_dir = next((d for d in split_dirs if os.path.isdir(d)), None)
     if test_dir is not None and os.path.isdir(os.path.join(path, "train")):
         classes = _class_names(os.path.join(path, "train"))
-        pool_images, pool_labels = _read_folder(os.path.join(path, "train"), classes, image_size)
-        test_images, test_labels = _read_folder(test_dir, classes, image_size)
+        pool_files, pool_labels = _list_folder(os.path.join(path, "train"), classes)
+        test_files, test_labels = _list_folder(test_dir, classes)
     else:
         classes = _class_names(path)
-        images, labels = _read_folder(path, classes, image_size)
-        test = stratified_mask(labels, test_fraction, seed=0)
-        pool_images, pool_labels = images[~test], labels[~test]
-        test_images, test_labels = images[test], labels[test]
-    mean = pool_images.mean(dim=(0, 2, 3), keepdim=True)
-    std = pool_images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return TransferData(os.path.basename(os.path.normpath(path)), (pool_images - mean) / std,
-                        pool_labels, (test_images - mean) / std, test_labels, len(classes))
+        files, labels = _list_folder(path, classes)
+        test = stratified_mask(labels, test_fraction, seed=0).tolist()
+        pool_files = [f for f, held_out in zip(files, test) if not held_out]
+        test_files = [f for f, held_out in zip(files, test) if held_out]
+        mask = torch.tensor(test)
+        pool_labels, test_labels = labels[~mask], labels[mask]
+    return _streaming(os.path.basename(os.path.normpath(path)), FileImages(pool_files),
+                      pool_labels, FileImages(test_files), test_labels, len(classes),
+                      image_size, statistics, workers)
+
+
+def _streaming(name, pool, pool_labels, test, test_labels, num_classes, image_size,
+               statistics, workers):
+    """The streaming data set, normalised with ``statistics`` or the pool's own."""
+    if statistics is None:
+        unnormalised = StreamingData(name, pool, pool_labels, test, test_labels, num_classes,
+                                     image_size, (0.0,) * 3, (1.0,) * 3, workers)
+        statistics = unnormalised.pool_statistics()
+    mean, std = statistics
+    return StreamingData(name, pool, pool_labels, test, test_labels, num_classes, image_size,
+                         mean, std, workers)
 
 
 def _class_names(path):
@@ -38,38 +52,27 @@ def _class_names(path):
     return classes
 
 
-def _read_folder(path, classes, image_size):
-    from PIL import Image
-
-    images, labels = [], []
+def _list_folder(path, classes):
+    """The image files of ``path/CLASS/`` for each class, sorted, and their labels."""
+    files, labels = [], []
     for label, name in enumerate(classes):
         class_dir = os.path.join(path, name)
         if not os.path.isdir(class_dir):
             raise ValueError(f"{path!r} has no subfolder for class {name!r}")
-        files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_SUFFIXES))
-        if not files:
+        names = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_SUFFIXES))
+        if not names:
             raise ValueError(f"class folder {class_dir!r} holds no images "
                              f"(looked for {', '.join(IMAGE_SUFFIXES)})")
-        for file in files:
-            with Image.open(os.path.join(class_dir, file)) as image:
-                images.append(_to_tensor(image, image_size))
-            labels.append(label)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+        files += [os.path.join(class_dir, f) for f in names]
+        labels += [label] * len(names)
+    return files, torch.tensor(labels, dtype=torch.int64)
 
 
-def _to_tensor(image, image_size):
-    """PIL image (or array) -> float tensor [3, image_size, image_size] in [0, 1]."""
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        image = Image.fromarray(np.asarray(image))
-    image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-
-
-def load_torchvision(name, root, image_size=32):
+def load_torchvision(name, root, image_size=32, statistics=None, workers=0):
     """A torchvision data set class by name (e.g. ``CIFAR10``), already downloaded to
-    ``root``; its train split is the pool and its test split the test set."""
+    ``root``; its train split is the pool and its test split the test set. Its images are
+    read through the data set object (in the workers); its labels from ``targets`` or
+    ``_labels`` where it has them, else by reading every item once."""
     try:
         import torchvision
     except ImportError as error:
@@ -87,12 +90,16 @@ def load_torchvision(name, root, image_size=32):
             dataset = dataset_class(root, train=train, download=False)
         except TypeError:
             dataset = dataset_class(root, split="train" if train else "test", download=False)
-        images = torch.stack([_to_tensor(image, image_size) for image, _ in dataset])
-        labels = torch.tensor([int(label) for _, label in dataset], dtype=torch.int64)
-        splits.append((images, labels))
-    (pool_images, pool_labels), (test_images, test_labels) = splits
-    mean = pool_images.mean(dim=(0, 2, 3), keepdim=True)
-    std = pool_images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+        splits.append((DatasetImages(dataset), _labels_of(dataset)))
+    (pool, pool_labels), (test, test_labels) = splits
     num_classes = int(max(pool_labels.max(), test_labels.max())) + 1
-    return TransferData(name, (pool_images - mean) / std, pool_labels,
-                        (test_images - mean) / std, test_labels, num_classes)
+    return _streaming(name, pool, pool_labels, test, test_labels, num_classes, image_size,
+                      statistics, workers)
+
+
+def _labels_of(dataset):
+    for attribute in ("targets", "_labels"):
+        labels = getattr(dataset, attribute, None)
+        if labels is not None and len(labels) == len(dataset):
+            return torch.as_tensor([int(label) for label in labels], dtype=torch.int64)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.int64)

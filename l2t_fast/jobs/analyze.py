@@ -24,9 +24,10 @@ import time
 import torch
 
 from l2t_fast import analysis, checkpoint, methods
-from l2t_fast.data import load_data
+from l2t_fast.data import TransferData
 from l2t_fast.jobs import options
 from l2t_fast.jobs import runs as runs_module
+from l2t_fast.jobs.transfer import load_job_data
 from l2t_fast.methods.base import Setup
 from l2t_fast.models import build_model
 from l2t_fast.models.layers import suggest_layers
@@ -92,7 +93,8 @@ def initial_network(config, data, source, method, seed, source_layers, target_la
     """The network run (``method``, ``seed``) of a transfer job started from, rebuilt the way
     ``l2t_fast.jobs.transfer`` builds it (the same seeding, then the same constructors)."""
     checkpoint.seed_everything(seed)
-    target = build_model(config["target_model"], data.num_classes)
+    target = build_model(config["target_model"], data.num_classes,
+                         image_size=config["image_size"])
     setup = Setup(source, target, data.num_classes, source_layers, target_layers,
                   data.example_input(), data.num_source_classes)
     options_of_method = {option.name: config[option.name]
@@ -128,8 +130,9 @@ class _Analysis:
     def __init__(self, config, settings, device, output_dir, show):
         self.config, self.settings, self.device = config, settings, device
         self.output_dir, self.show = output_dir, show
-        self.data = load_data(config["data"], config["data_root"], config["image_size"],
-                              config["scenario"])
+        self.data = load_job_data(config)
+        if not isinstance(self.data, TransferData):  # streamed from disk: make tensors
+            self.data = self.data.in_memory()
         test = self.data.to(device)
         self.test = (test.test_images, test.test_labels)
         count = settings["analysis_images"]
@@ -157,7 +160,8 @@ class _Analysis:
         self.source = runs_module.load_source(folder).to(self.device)
         example = self.data.example_input().to(self.device)
         self.source_layers = self.config["source_layers"] or suggest_layers(self.source, example)
-        target = build_model(self.config["target_model"], self.data.num_classes)
+        target = build_model(self.config["target_model"], self.data.num_classes,
+                             image_size=self.config["image_size"])
         self.target_layers = (self.config["target_layers"]
                               or suggest_layers(target, example.cpu()))
         finished = [(r["method"], r["seed"]) for r in job["runs"] if r["status"] == "finished"]

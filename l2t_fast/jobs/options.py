@@ -178,6 +178,22 @@ class ListOf(Kind):
         return text + (" or none" if self.optional else "")
 
 
+class OrAuto(Kind):
+    """The word ``auto`` (the job chooses when it runs, e.g. from the machine), or a value
+    of ``kind``."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def coerce(self, value):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return self.kind.coerce(value)
+
+    def describe(self):
+        return f"auto or {self.kind.describe()}"
+
+
 class MethodName(Kind):
     """The name of a registered method (``l2t_fast.methods``)."""
 
@@ -241,8 +257,9 @@ JOB_OPTIONS = (
            "few labels: a new domain)"),
     Option("data", "digits", Text(),
            "'digits' (embedded, see --scenario), an image folder (CLASS/*.png, or train/ and "
-           "test/ with CLASS/ inside), or a torchvision data set name such as CIFAR10 (needs "
-           "torchvision and --data-root)"),
+           "test/ or val/ with CLASS/ inside), or a torchvision data set name such as CIFAR10 "
+           "(needs torchvision and --data-root); folders and named data sets stream from "
+           "disk with random resized crops and flips"),
     Option("data_root", None, Text(optional=True), "folder a torchvision data set was "
            "downloaded to"),
     Option("image_size", 16, Int(8), "images are resized to this square size"),
@@ -275,8 +292,16 @@ JOB_OPTIONS = (
     Option("epochs", 40, Int(1), "training epochs over the labelled target images"),
     Option("batch_size", 25, Int(2), "training batch size"),
     Option("augment_shift", 4, Int(0),
-           "random translation augmentation, in pixels (0: none)"),
+           "random translation augmentation of the embedded digits, in pixels (0: none)"),
+    Option("workers", "auto", OrAuto(Int(0)),
+           "DataLoader worker processes that decode image folders and named data sets "
+           "(auto: min(4, CPU count); 0: in the main process); results do not depend on it"),
     Option("device", "auto", Text(), "auto, cpu, cuda, cuda:N"),
+    Option("amp", "off", Choice("off", "bf16"),
+           "bf16: forward passes of training and evaluation under torch.autocast in "
+           "bfloat16 (CUDA only)"),
+    Option("channels_last", False, Flag(),
+           "models and input batches in torch.channels_last memory format"),
 )
 
 # ``l2t-fast analyze``: what it measures; the rows above configure the transfer job it runs

@@ -4,7 +4,8 @@ own) can have a source: ``l2t-fast pretrain --data SOURCE_FOLDER --model M --out
 then ``l2t-fast transfer --data TARGET_FOLDER --source-model M --source-checkpoint s.pt``.
 
 It trains on the data's training split (the embedded digits: their source task), with SGD,
-cosine-annealed by epoch, and random shifts; it reports top-1 accuracy on the test split
+cosine-annealed by epoch, and the data's augmentation (random shifts of the digits; random
+resized crops and flips of image folders, which stream from disk); it reports top-1 accuracy on the test split
 (the digits: a held-out fifth of the source task). The file holds ``{"model": state_dict,
 "info": {...}}``, written atomically.
 """
@@ -14,14 +15,16 @@ import time
 import torch
 
 from l2t_fast import checkpoint
-from l2t_fast.data import batches, load_data, stratified_mask
+from l2t_fast.data import TransferData, load_data, stratified_mask
+from l2t_fast.jobs import options
 from l2t_fast.methods.base import evaluate
-from l2t_fast.models import build_model
+from l2t_fast.models import build_model, pretrained_statistics
 
 
 def pretrain_source(data, model_name, output, *, data_root=None, image_size=32,
                     weights=None, epochs=30, batch_size=64, lr=0.1, momentum=0.9,
-                    weight_decay=1e-4, augment_shift=4, device="cpu", seed=0, progress=False):
+                    weight_decay=1e-4, augment_shift=4, device="cpu", seed=0, workers="auto",
+                    progress=False):
     """Train ``model_name`` on data set ``data`` (as ``l2t-fast transfer --data`` takes it),
     from ``weights`` if given (fine-tuning), save it to ``output``; returns its info dict
     (``model``, ``data``, ``num_classes``, ``epochs``, ``test_accuracy``, ``seconds``)."""
@@ -35,15 +38,17 @@ def pretrain_source(data, model_name, output, *, data_root=None, image_size=32,
     if not os.access(folder, os.W_OK):
         raise ValueError(f"output {output!r}: cannot write to folder {folder!r}")
     device = torch.device(device)
-    loaded = load_data(data, data_root, image_size)
-    train_x, train_y, test_x, test_y, classes = _split(loaded)
+    statistics = pretrained_statistics(model_name, weights) if data != "digits" else None
+    loaded = _training_data(load_data(data, data_root, image_size, statistics=statistics,
+                                      workers=workers)).to(device)
+    classes = loaded.num_classes
     checkpoint.seed_everything(seed)
     if weights is None:
         model = build_model(model_name, classes, image_size=image_size)
     else:
         model = build_model(model_name, classes, weights=weights, image_size=image_size)
     model.to(device)
-    train_x, train_y = train_x.to(device), train_y.to(device)
+    everything = torch.arange(len(loaded.pool_labels))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
@@ -54,7 +59,8 @@ def pretrain_source(data, model_name, output, *, data_root=None, image_size=32,
               disable=not progress) as bar:
         for _ in bar:
             model.train()
-            for x, y in batches(train_x, train_y, batch_size, generator, augment_shift):
+            for x, y in loaded.labelled_batches(everything, batch_size, generator,
+                                                augment_shift):
                 optimizer.zero_grad(set_to_none=True)
                 torch.nn.functional.cross_entropy(model(x), y).backward()
                 optimizer.step()
@@ -63,22 +69,25 @@ def pretrain_source(data, model_name, output, *, data_root=None, image_size=32,
             bar.set_postfix(images_per_s=f"{images / (time.perf_counter() - started):.1f}")
     info = {"model": model_name, "data": data, "num_classes": classes, "epochs": epochs,
             "image_size": image_size, "weights": weights,
-            "test_accuracy": evaluate(model, test_x.to(device), test_y.to(device)),
+            "test_accuracy": evaluate(model, loaded.test_batches()),
             "seconds": time.perf_counter() - started}
     checkpoint.save_atomic({"model": model.cpu().state_dict(), "info": info}, output)
     return info
 
 
-def _split(data):
-    """Training and test images of what ``load_data`` gave: a data set's pool and test
-    split, or the digits' source task with a fixed fifth held out."""
-    if data.has_source_task:
-        held_out = stratified_mask(data.source_labels, 0.2, seed=0)
-        return (data.source_images[~held_out], data.source_labels[~held_out],
-                data.source_images[held_out], data.source_labels[held_out],
-                data.num_source_classes)
-    return (data.pool_images, data.pool_labels, data.test_images, data.test_labels,
-            data.num_classes)
+def _training_data(data):
+    """What ``load_data`` gave, as the data to train on: a data set's pool and test split,
+    or the digits' source task with a fixed fifth held out."""
+    if not data.has_source_task:
+        return data
+    held_out = stratified_mask(data.source_labels, 0.2, seed=0)
+    return TransferData(data.name, data.source_images[~held_out], data.source_labels[~held_out],
+                        data.source_images[held_out], data.source_labels[held_out],
+                        data.num_source_classes)
+
+
+def _workers(word):
+    return options.OrAuto(options.Int(0)).coerce(word)
 
 
 def add_arguments(parser):
@@ -102,8 +111,12 @@ def add_arguments(parser):
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (1e-4)")
     parser.add_argument("--augment-shift", type=int, default=4,
-                        help="random translation in pixels (4; 0: none)")
+                        help="random translation of the digits in pixels (4; 0: none; "
+                             "image folders get random resized crops and flips)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--workers", type=_workers, default="auto",
+                        help="DataLoader processes that decode an image folder (auto: "
+                             "min(4, CPU count); 0: in this process)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -119,6 +132,7 @@ def main(args):
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                            momentum=args.momentum, weight_decay=args.weight_decay,
                            augment_shift=args.augment_shift, device=device, seed=args.seed,
+                           workers=args.workers,
                            progress=not args.quiet and sys.stderr.isatty())
     print(f"{info['model']} on {info['data']} ({info['num_classes']} classes, "
           f"{info['epochs']} epochs, {info['seconds']:.1f} s): "

@@ -20,6 +20,8 @@ from l2t_fast import checkpoint
 JOB_FILE = "job.json"
 # Keys a resumed job may change: it then runs the new (method, seed) pairs too.
 EXTENDABLE = ("methods", "seeds")
+# Keys a resumed job may change because no result depends on them.
+RESULT_NEUTRAL = ("workers",)
 
 
 def new_run_folder(output_dir):
@@ -61,7 +63,8 @@ def differing_keys(a, b, ignore=()):
 def claim(folder, config, resume):
     """Make ``folder`` this job's (writing ``job.json``), or check that it is: a folder of
     another job is refused unless ``resume``, and then its config may differ from ``config``
-    only in ``EXTENDABLE`` keys. Also proves the folder writable before anything runs."""
+    only in ``EXTENDABLE`` and ``RESULT_NEUTRAL`` keys. Also proves the folder writable
+    before anything runs."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
@@ -73,7 +76,7 @@ def claim(folder, config, resume):
         if not resume:
             raise ValueError(f"{folder!r} holds another job (its {JOB_FILE}); give a new "
                              f"folder, or resume=True (--resume) to continue that job")
-        differ = differing_keys(earlier, config, ignore=EXTENDABLE)
+        differ = differing_keys(earlier, config, ignore=EXTENDABLE + RESULT_NEUTRAL)
         if differ:
             raise ValueError(f"cannot resume the job in {folder!r}: it was made with a "
                              f"different config (keys {differ} differ; only "
@@ -122,12 +125,14 @@ def save_model(folder, method, seed, model, config, num_classes):
     from l2t_fast.models import build_model
 
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    image_size = config["image_size"]
     for role in ("target_model", "source_model"):
-        reference = build_model(config[role], num_classes).state_dict()
+        reference = build_model(config[role], num_classes, image_size=image_size).state_dict()
         if reference.keys() == state.keys() and all(
                 reference[k].shape == state[k].shape for k in state):
             checkpoint.save_atomic({"architecture": config[role], "num_classes": num_classes,
-                                    "method": method, "seed": seed, "state_dict": state},
+                                    "image_size": image_size, "method": method, "seed": seed,
+                                    "state_dict": state},
                                    _model_path(folder, method, seed))
             return True
     return False
@@ -144,7 +149,8 @@ def load_model(folder, method, seed):
                          f"({path} is missing: the run did not finish, or its network is "
                          f"not one architecture)")
     saved = checkpoint.load(path, "trained network", "run the job again")
-    model = build_model(saved["architecture"], saved["num_classes"])
+    model = build_model(saved["architecture"], saved["num_classes"],
+                        image_size=saved.get("image_size"))
     model.load_state_dict(saved["state_dict"])
     return model.eval()
 
@@ -160,11 +166,17 @@ def load_results(folder):
 
 
 def load_source(folder):
-    """The source network of the job in ``folder`` (from the cache or the user's file it
-    used), in eval mode on the CPU."""
+    """The source network of the job in ``folder``, rebuilt the way the job got it (from
+    the cache or the user's file it used, or the library's pretrained weights it named), in
+    eval mode on the CPU."""
     from l2t_fast.jobs.source import load_source as load_source_file
+    from l2t_fast.models import build_model
 
     results = load_results(folder)
-    config = {**results["config"], "source_checkpoint": results["source"]["path"]}
-    model, _ = load_source_file(config, "cpu")
+    config, source = results["config"], results["source"]
+    if source.get("path") is None and config.get("source_weights") is not None:
+        model = build_model(config["source_model"], None, weights=config["source_weights"],
+                            image_size=config["image_size"])
+        return model.eval().requires_grad_(False)
+    model, _ = load_source_file({**config, "source_checkpoint": source["path"]}, "cpu")
     return model

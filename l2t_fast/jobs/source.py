@@ -32,7 +32,7 @@ def source_model(config, data, device, show):
         info = {"model": config["source_model"], "weights": config["source_weights"],
                 "cached": False}
         return model.to(device).eval().requires_grad_(False), info
-    if data.source_images is None:
+    if not data.has_source_task:
         raise ValueError(f"data {config['data']!r} has no source task to pretrain on: give "
                          f"source_checkpoint (--source-checkpoint), a state_dict file of "
                          f"{config['source_model']!r} (l2t-fast pretrain makes one), or "

@@ -6,6 +6,7 @@ runs. Each (method, seed) run is independent: it seeds every generator from its 
 draws its labelled images from the training pool with that seed, and trains a fresh network,
 so runs can be checkpointed, resumed and repeated one by one.
 """
+import contextlib
 import copy
 import hashlib
 import json
@@ -24,7 +25,7 @@ from l2t_fast.jobs import options
 from l2t_fast.jobs import runs as runs_module
 from l2t_fast.jobs.source import source_model
 from l2t_fast.methods.base import Batch, Setup, evaluate
-from l2t_fast.models import build_model
+from l2t_fast.models import build_model, pretrained_statistics
 from l2t_fast.models.layers import suggest_layers
 
 
@@ -92,6 +93,9 @@ def prepare(config):
     device = _device(config["device"])
     if config["source_checkpoint"] is not None and not os.path.isfile(config["source_checkpoint"]):
         raise ValueError(f"source_checkpoint {config['source_checkpoint']!r} is not a file")
+    if config["amp"] != "off" and device.type != "cuda":
+        raise ValueError(f"--amp {config['amp']} needs a CUDA device, not {device} (amp: "
+                         f"{config['amp']})")
     uses_backend = any("backend" in method_options(name, config) for name in config["methods"])
     if config["backend"] != "auto" and uses_backend:
         try:
@@ -137,8 +141,7 @@ def run_transfer(config, *, output_dir, checkpoint_dir=None, resume=False, progr
             os.path.join(output_dir, "checkpoints")):
         runs_module.claim(checkpoint_dir, config, resume)
     started = time.perf_counter()
-    data = load_data(config["data"], config["data_root"], config["image_size"],
-                     config["scenario"])
+    data = load_job_data(config)
     show = progress and sys.stderr.isatty()
     source, source_info = source_model(config, data, device, show)
     job = _Job(config, data, device, source, output_dir, checkpoint_dir, on_epoch)
@@ -167,6 +170,16 @@ def run_transfer(config, *, output_dir, checkpoint_dir=None, resume=False, progr
     runs_module.write_json(os.path.join(output_dir, "results.json"), final)
     report.plot(final, os.path.join(output_dir, "results.png"))
     return json.loads(json.dumps(runs_module.finite(final)))
+
+
+def load_job_data(config):
+    """The job's data; a folder or named data set is normalised with the statistics of the
+    source's pretrained weights where their library records them, else its pool's own."""
+    statistics = None
+    if config["data"] != "digits":
+        statistics = pretrained_statistics(config["source_model"], config["source_weights"])
+    return load_data(config["data"], config["data_root"], config["image_size"],
+                     config["scenario"], statistics=statistics, workers=config["workers"])
 
 
 def summarise(runs, method_names):
@@ -230,22 +243,48 @@ def _parameters_finite(optimizer):
 # ---- one (method, seed) run ---------------------------------------------------------------
 
 class _Job:
-    """What the runs share: config, data on the device, the source network, the layers."""
+    """What the runs share: config, data on the device, the source network, the layers;
+    and how inputs are laid out (``channels_last``) and forward passes run (``amp``)."""
 
     def __init__(self, config, data, device, source, output_dir, checkpoint_dir, on_epoch):
         self.config, self.device = config, device
         self.pool_labels = data.pool_labels  # on the CPU: labelled subsets are drawn there
         self.data = data.to(device)
+        if config["channels_last"]:
+            source = source.to(memory_format=torch.channels_last)
         self.source_model = source
         self.output_dir, self.checkpoint_dir, self.on_epoch = output_dir, checkpoint_dir, on_epoch
         self.example = self.data.example_input()
         self.source_layers = config["source_layers"] or suggest_layers(source, self.example)
-        target = build_model(config["target_model"], data.num_classes)
+        target = self._target_model()
         self.target_layers = config["target_layers"] or suggest_layers(target, self.example.cpu())
         # what a run's checkpoint must match: the config but for the methods and seeds run
-        run_config = {k: v for k, v in config.items() if k not in runs_module.EXTENDABLE}
+        # and what does not change results
+        run_config = {k: v for k, v in config.items()
+                      if k not in runs_module.EXTENDABLE + runs_module.RESULT_NEUTRAL}
         self.run_config_json = json.dumps(run_config, sort_keys=True)
         self.config_hash = hashlib.sha256(self.run_config_json.encode()).hexdigest()[:16]
+
+    def _target_model(self):
+        """A freshly initialised target network (on the CPU), built for the image size."""
+        return build_model(self.config["target_model"], self.data.num_classes,
+                           image_size=self.config["image_size"])
+
+    def _layout(self, images):
+        """``images`` in the memory format the models are in."""
+        if self.config["channels_last"]:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _autocast(self):
+        """Where forward passes run: under bfloat16 autocast with ``amp`` bf16."""
+        if self.config["amp"] == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _evaluate(self, model, batches):
+        with self._autocast():
+            return evaluate(model, ((self._layout(x), y) for x, y in batches))
 
     def _checkpoint_path(self, method, seed):
         return os.path.join(self.checkpoint_dir, f"{method}-seed{seed}.pt")
@@ -276,12 +315,14 @@ class _Job:
         shift = self.config["augment_shift"]
         for x, y in self.data.labelled_batches(chosen, self.config["batch_size"], generator,
                                                shift):
-            batch = Batch(x, y)
+            batch = Batch(self._layout(x), y)
             if "source_batches" in needs:
-                batch.source_x, batch.source_y = self.data.random_source(
+                source_x, batch.source_y = self.data.random_source(
                     len(x), extras_generator, shift)
+                batch.source_x = self._layout(source_x)
             if "unlabelled" in needs:
-                batch.unlabelled = self.data.random_unlabelled(len(x), extras_generator, shift)
+                batch.unlabelled = self._layout(
+                    self.data.random_unlabelled(len(x), extras_generator, shift))
             yield batch
 
     def run(self, method_name, seed, bar):
@@ -296,7 +337,9 @@ class _Job:
         extras_generator = torch.Generator().manual_seed(seed + (1 << 40))
         chosen = labelled_subset(self.pool_labels, config["labels_per_class"], generator)
         chosen = chosen.to(self.device)
-        target_model = build_model(config["target_model"], self.data.num_classes).to(self.device)
+        target_model = self._target_model().to(self.device)
+        if config["channels_last"]:
+            target_model = target_model.to(memory_format=torch.channels_last)
         setup = Setup(self.source_model, target_model, self.data.num_classes,
                       self.source_layers, self.target_layers, self.example,
                       self.data.num_source_classes)
@@ -315,12 +358,14 @@ class _Job:
         for epoch in range(start_epoch, config["epochs"]):
             started = time.perf_counter()
             _set_lr(method.optimizer, config["lr"], epoch, config["epochs"])
-            losses = []
+            losses, images = [], 0
             for step, batch in enumerate(self._batches(chosen, generator, extras_generator,
                                                        needs)):
                 method.set_progress((epoch + step / steps_per_epoch) / config["epochs"])
+                images += len(batch.x)
                 try:
-                    loss = method.train_step(batch)
+                    with self._autocast():
+                        loss = method.train_step(batch)
                 except FloatingPointError as error:  # a method's own check (Diverged)
                     return self._diverged(method_name, seed, epoch, step, str(error),
                                           history, seconds, bar)
@@ -331,7 +376,8 @@ class _Job:
             if not _parameters_finite(method.optimizer):
                 return self._diverged(method_name, seed, epoch, len(losses) - 1,
                                       "a parameter turned non-finite", history, seconds, bar)
-            seconds += time.perf_counter() - started
+            epoch_seconds = time.perf_counter() - started
+            seconds += epoch_seconds
             history.append(float(np.mean([loss["loss"] for loss in losses])))
             self._save(method_name, seed, {
                 "finished": False, "epoch": epoch + 1, "method_state": method.state_dict(),
@@ -339,23 +385,29 @@ class _Job:
                 "extras_generator": extras_generator.get_state(),
                 "history": history, "seconds": seconds})
             bar.update(1)
-            bar.set_postfix(method=method_name, seed=seed, loss=f"{history[-1]:.3f}")
+            bar.set_postfix({"method": method_name, "seed": seed, "loss": f"{history[-1]:.3f}",
+                             "images/s": f"{images / epoch_seconds:.1f}"})
             if self.on_epoch is not None:
                 self.on_epoch({
                     "method": method_name, "seed": seed, "epoch": epoch + 1,
                     "epochs": config["epochs"], "train_loss": history[-1],
-                    "train_accuracy": evaluate(method.model, *self.data.labelled(chosen)),
-                    "test_accuracy": evaluate(method.model, self.data.test_batches())})
+                    "train_accuracy": self._evaluate(method.model,
+                                                     self.data.pool_batches(chosen)),
+                    "test_accuracy": self._evaluate(method.model, self.data.test_batches())})
 
         result = {"method": method_name, "seed": seed, "status": "finished",
-                  "test_accuracy": evaluate(method.model, self.data.test_batches()),
+                  "test_accuracy": self._evaluate(method.model, self.data.test_batches()),
                   "seconds": seconds, "train_loss": history,
-                  "outputs": method.outputs(self.data.probe_images(512))}
+                  "outputs": self._outputs(method)}
         runs_module.save_model(self.output_dir, method_name, seed, method.model, config,
                                self.data.num_classes)
         self._save(method_name, seed, {"finished": True, "result": result,
                                        "method_state": method.state_dict()})
         return result
+
+    def _outputs(self, method):
+        with self._autocast():
+            return method.outputs(self._layout(self.data.probe_images(512)))
 
     def _diverged(self, method_name, seed, epoch, step, reason, history, seconds, bar):
         """The result of a run that stopped on a non-finite loss or parameter (kept, so

@@ -102,6 +102,34 @@ def _create_timm(timm, model_name, pretrained, image_size, kwargs):
     return timm.create_model(model_name, pretrained=pretrained, **kwargs)
 
 
+def pretrained_statistics(name, weights):
+    """``(mean, std)`` per RGB channel that the pretrained weights ``weights`` of model
+    ``name`` were trained with, from the library's own record of them (torchvision's
+    weights' transforms, timm's pretrained_cfg), so that target images are normalised as
+    the source saw its images; None for built-in models, no weights, or no record."""
+    if weights is None or name in BUILTIN_MODELS:
+        return None
+    if name.startswith("torchvision:"):
+        model_name = name[len("torchvision:"):]
+        torchvision = _library("torchvision", model_name)
+        try:
+            preset = torchvision.models.get_model_weights(model_name)[weights].transforms()
+        except (KeyError, ValueError):
+            return None
+        mean, std = getattr(preset, "mean", None), getattr(preset, "std", None)
+    elif name.startswith("timm:"):
+        model_name = name[len("timm:"):]
+        timm = _library("timm", model_name)
+        tagged = model_name if weights == "DEFAULT" else f"{model_name}.{weights}"
+        config = timm.models.get_pretrained_cfg(tagged)
+        mean, std = getattr(config, "mean", None), getattr(config, "std", None)
+    else:
+        return None
+    if mean is None or std is None:
+        return None
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
 def head_name(model):
     """Name of the classifier head: the last ``nn.Linear`` in ``named_modules()`` order."""
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
