@@ -9,7 +9,7 @@ against its date. Needs matplotlib (``pip install matplotlib``).
 import argparse
 import sys
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +46,10 @@ def plot(panels, output):
             dates, values = zip(*points)
             ax.plot(dates, values, marker=markers.get(host, "."),
                     label=f"{implementation} ({host})" if len(hosts) > 1 else implementation)
+        # matplotlib widens a date range of one instant to years: pad it ourselves
+        dates = [date for points in lines.values() for date, _ in points]
+        pad = max((max(dates) - min(dates)) * 0.05, timedelta(minutes=30))
+        ax.set_xlim(min(dates) - pad, max(dates) + pad)
         ax.set_title(f"{kernel}: {metric}")
         ax.set_ylabel(metric)
         ax.legend(fontsize=7, loc="best")
