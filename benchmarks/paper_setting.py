@@ -213,6 +213,21 @@ class PaperStyle:
                 b.copy_(momentum * direction)
         self.snapshots = []  # rollback: the first snapshot stays restored
 
+    def _lookahead_and_replay(self, x, y):
+        """The T matching steps and the CE step taken and recorded, the final CE's backward,
+        then the replay: the meta-networks' ``.grad`` hold the hypergradient."""
+        engine = self.engine
+        optimizer = engine.optimizer
+        for _ in range(engine.inner_steps):
+            optimizer.zero_grad(set_to_none=False)
+            self._recorded_step(self.inner_objective, x, y, True)
+        optimizer.zero_grad(set_to_none=False)
+        self._recorded_step(self.outer_objective, x, y)
+        optimizer.zero_grad(set_to_none=False)
+        engine.meta_optimizer.zero_grad(set_to_none=False)
+        self.outer_objective(x, y).backward()
+        self._meta_backward()
+
     def iteration(self, x, y):
         """One training iteration: the real step, the lookahead, the replay, Adam's step."""
         engine = self.engine
@@ -221,15 +236,7 @@ class PaperStyle:
         optimizer.zero_grad(set_to_none=False)
         self.inner_objective(x, y).backward()
         optimizer.step()
-        for _ in range(engine.inner_steps):
-            optimizer.zero_grad(set_to_none=False)
-            self._recorded_step(self.inner_objective, x, y, True)
-        optimizer.zero_grad(set_to_none=False)
-        self._recorded_step(self.outer_objective, x, y)
-        optimizer.zero_grad(set_to_none=False)
-        meta_optimizer.zero_grad(set_to_none=False)
-        self.outer_objective(x, y).backward()
-        self._meta_backward()
+        self._lookahead_and_replay(x, y)
         meta_optimizer.step()
         engine.iteration += 1
 
@@ -240,15 +247,7 @@ class PaperStyle:
         optimizer = engine.optimizer
         was_training = engine.target_model.training
         engine.target_model.train()
-        for _ in range(engine.inner_steps):
-            optimizer.zero_grad(set_to_none=False)
-            self._recorded_step(self.inner_objective, x, y, True)
-        optimizer.zero_grad(set_to_none=False)
-        self._recorded_step(self.outer_objective, x, y)
-        optimizer.zero_grad(set_to_none=False)
-        engine.meta_optimizer.zero_grad(set_to_none=False)
-        self.outer_objective(x, y).backward()
-        self._meta_backward()
+        self._lookahead_and_replay(x, y)
         optimizer.zero_grad(set_to_none=True)
         engine.target_model.train(was_training)
         result = {name: p.grad.clone() for name, p in engine._meta_named}
