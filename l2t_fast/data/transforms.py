@@ -96,4 +96,5 @@ def as_rgb(image):
 
 def to_tensor(image):
     """PIL RGB image -> float tensor ``[3, H, W]`` in [0, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    return pixels.permute(2, 0, 1).contiguous()

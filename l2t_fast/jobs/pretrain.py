@@ -5,9 +5,9 @@ then ``l2t-fast transfer --data TARGET_FOLDER --source-model M --source-checkpoi
 
 It trains on the data's training split (the embedded digits: their source task), with SGD,
 cosine-annealed by epoch, and the data's augmentation (random shifts of the digits; random
-resized crops and flips of image folders, which stream from disk); it reports top-1 accuracy on the test split
-(the digits: a held-out fifth of the source task). The file holds ``{"model": state_dict,
-"info": {...}}``, written atomically.
+resized crops and flips of image folders, which stream from disk); it reports top-1
+accuracy on the test split (the digits: a held-out fifth of the source task). The file holds
+``{"model": state_dict, "info": {...}}``, written atomically.
 """
 import os
 import time
