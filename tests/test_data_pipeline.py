@@ -115,16 +115,20 @@ def test_batches_are_a_function_of_the_generator_whatever_the_worker_count(tmp_p
         indices = torch.arange(8)
         epochs[workers] = [list(data.labelled_batches(indices, 3, generator, shift=4))
                            for _ in range(2)]
-        epochs[workers].append(data.random_unlabelled(4, generator, shift=4))
-    for a, b in zip(epochs[0], epochs[2]):
-        if isinstance(a, torch.Tensor):  # the unlabelled draw
-            assert torch.equal(a, b)
-            continue
-        assert [len(y) for _, y in a] == [len(y) for _, y in b] == [3, 3, 2]
-        for (xa, ya), (xb, yb) in zip(a, b):
-            assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    first, second, unlabelled = epochs[0]
-    assert unlabelled.shape == (4, 3, 16, 16)
+        epochs[workers].append(list(data.unlabelled_batches([4, 3], generator, shift=4)))
+        epochs[workers].append(generator.get_state())
+    *labelled, unlabelled, state = epochs[0]
+    assert torch.equal(state, epochs[2][-1])  # the same draws, whatever the workers
+    for a, b in zip(labelled + [unlabelled], epochs[2][:-1]):
+        for xa, xb in zip(a, b):
+            if isinstance(xa, torch.Tensor):  # an unlabelled batch
+                assert torch.equal(xa, xb)
+            else:
+                assert torch.equal(xa[0], xb[0]) and torch.equal(xa[1], xb[1])
+    assert [[len(y) for _, y in epoch] for epoch in labelled] == [[3, 3, 2]] * 2
+    first, second = labelled
+    assert [x.shape for x in unlabelled] == [(4, 3, 16, 16), (3, 3, 16, 16)]
+    assert not torch.equal(unlabelled[0][:3], unlabelled[1])
     # a new epoch draws a new order and new crops
     assert not torch.equal(first[0][0], second[0][0])
 

@@ -183,3 +183,18 @@ def test_register_tokens_are_dropped_before_the_grid():
         _, (feature,) = hooks(x)
         expected = model.forward_intermediates(x, indices=[11], intermediates_only=True)[0]
     torch.testing.assert_close(feature, expected)
+
+
+def test_analyze_takes_a_vit_and_a_cnn_by_name(tmp_path):
+    """``analyze --models`` builds each network for the job's image size, as a transfer
+    job does: a timm ViT exists only for its patch grid."""
+    import numpy as np
+
+    from l2t_fast.jobs.analyze import run_analysis
+
+    result = run_analysis({"models": ["timm:vit_tiny_patch16_224", "resnet14"],
+                           "image_size": 32, "analyses": ["cka"], "analysis_images": 16},
+                          output_dir=tmp_path, progress=False)
+    assert result["layers"]["a"] == ["blocks.2", "blocks.5", "blocks.8", "blocks.11"]
+    matrix = np.array(result["cka"]["matrix"])
+    assert matrix.shape == (4, len(result["layers"]["b"])) and np.isfinite(matrix).all()

@@ -71,6 +71,12 @@ class TransferData:
         index = torch.randint(len(self.pool_images), (count,), generator=generator)
         return _shifted(self.pool_images[index.to(self.pool_images.device)], shift, generator)
 
+    def unlabelled_batches(self, sizes, generator, shift):
+        """Batches of ``sizes`` target training images drawn at random, without labels,
+        drawn lazily: each when it is asked for, so draws from a generator shared with
+        ``random_source`` keep their order."""
+        return (self.random_unlabelled(size, generator, shift) for size in sizes)
+
     def test_batches(self, batch_size=256):
         """The target test split as ``(x, y)`` batches."""
         return [(self.test_images[i:i + batch_size], self.test_labels[i:i + batch_size])
@@ -141,15 +147,20 @@ def labelled_subset(labels, per_class, generator):
     return torch.cat(chosen)
 
 
+def batch_spans(count, batch_size):
+    """``(start, stop)`` of an epoch's batches of ``count`` shuffled images; a last batch
+    of one image is dropped (BatchNorm cannot train on it)."""
+    spans = [(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    return [(start, stop) for start, stop in spans if stop - start >= 2]
+
+
 def batches(images, labels, batch_size, generator, shift=0):
     """One epoch of shuffled batches; with ``shift`` > 0 each image is translated by up to
     ``shift`` pixels (edge-replicated), the only augmentation, drawn from ``generator``.
     A last batch of one image is dropped (BatchNorm cannot train on it)."""
     order = torch.randperm(len(images), generator=generator)
-    for start in range(0, len(order), batch_size):
-        index = order[start:start + batch_size]
-        if len(index) < 2:
-            continue
+    for start, stop in batch_spans(len(order), batch_size):
+        index = order[start:stop]
         x = images[index]
         if shift:
             x = random_shift(x, shift, generator)

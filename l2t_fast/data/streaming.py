@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from l2t_fast.data import batch_spans
 from l2t_fast.data.transforms import ImageTransform
 
 SEED_RANGE = 2 ** 62
@@ -135,23 +136,24 @@ class StreamingData:
         indices = indices.cpu()
         order = torch.randperm(len(indices), generator=generator).tolist()
         seed = int(torch.randint(SEED_RANGE, (1,), generator=generator))
-        plan = []
-        for start in range(0, len(order), batch_size):
-            positions = range(start, min(start + batch_size, len(order)))
-            if len(positions) >= 2:
-                plan.append([(int(indices[order[p]]), (seed, p)) for p in positions])
+        plan = [[(int(indices[order[p]]), (seed, p)) for p in range(start, stop)]
+                for start, stop in batch_spans(len(order), batch_size)]
         return self._stream(self._train_set, plan)
 
     def pool_batches(self, indices, batch_size=256):
         """The pool's images ``indices`` as ``(x, y)`` batches, not augmented."""
         return self._in_order(self._pool_set, indices.cpu(), batch_size)
 
-    def random_unlabelled(self, count, generator, shift):
-        """``count`` augmented pool images drawn at random, without labels (decoded in
-        this process: a few per step)."""
-        index = torch.randint(len(self._pool), (count,), generator=generator).tolist()
-        seed = int(torch.randint(SEED_RANGE, (1,), generator=generator))
-        return self._stacked(self._train_set, [(i, (seed, k)) for k, i in enumerate(index)])
+    def unlabelled_batches(self, sizes, generator, shift):
+        """Batches of ``sizes`` augmented pool images drawn at random, without labels,
+        decoded by the workers. Every draw is made up front, as many as a draw per batch
+        would make (this data has no source task to share the generator with)."""
+        plan = []
+        for size in sizes:
+            index = torch.randint(len(self._pool), (size,), generator=generator).tolist()
+            seed = int(torch.randint(SEED_RANGE, (1,), generator=generator))
+            plan.append([(i, (seed, k)) for k, i in enumerate(index)])
+        return (x for x, _ in self._stream(self._train_set, plan))
 
     def random_source(self, count, generator, shift):
         raise ValueError(f"data {self.name!r} has no source task")

@@ -384,7 +384,8 @@ class _Analysis:
 
     def of_models(self):
         specs = self.settings["models"]
-        networks = [load_network(spec, self.data.num_classes, index).to(self.device)
+        networks = [load_network(spec, self.data.num_classes, index,
+                                 self.config["image_size"]).to(self.device)
                     for index, spec in enumerate(specs)]
         example = self.data.example_input().to(self.device)
         layers = [self.config["source_layers"] or suggest_layers(networks[0], example),
@@ -428,26 +429,30 @@ class _Analysis:
         return results
 
 
-def load_network(spec, num_classes, index=0):
+def load_network(spec, num_classes, index=0, image_size=None):
     """A network from ``spec``: a model name (random weights, seeded by ``index``), a trained
-    network file of a job (``models/*.pt``), or ``NAME=FILE`` (a state_dict of ``NAME``)."""
+    network file of a job (``models/*.pt``, built for the image size it records), or
+    ``NAME=FILE`` (a state_dict of ``NAME``); built for ``image_size`` (what timm's
+    fixed-grid models, ViT and Swin, need)."""
     from l2t_fast.jobs.source import load_source
 
     if "=" in spec:
         name, path = spec.split("=", 1)
-        return load_source({"source_checkpoint": path, "source_model": name}, "cpu")[0]
+        return load_source({"source_checkpoint": path, "source_model": name,
+                            "image_size": image_size}, "cpu")[0]
     if os.path.isfile(spec):
         saved = checkpoint.load(spec, "network file")
         if not (isinstance(saved, dict) and "architecture" in saved and "state_dict" in saved):
             raise ValueError(f"{spec!r} is not a trained network of a job (no architecture in "
                              f"it); for a plain state_dict give NAME={spec}")
-        network = build_model(saved["architecture"], saved["num_classes"])
+        network = build_model(saved["architecture"], saved["num_classes"],
+                              image_size=saved.get("image_size", image_size))
         network.load_state_dict(saved["state_dict"])
         return network.eval()
     if os.sep in spec or spec.endswith(".pt"):
         raise ValueError(f"models: {spec!r} is not a file")
     checkpoint.seed_everything(index)
-    return build_model(spec, num_classes).eval()
+    return build_model(spec, num_classes, image_size=image_size).eval()
 
 
 # ---- the figure -----------------------------------------------------------------------------

@@ -299,7 +299,8 @@ JOB_OPTIONS = (
     Option("device", "auto", Text(), "auto, cpu, cuda, cuda:N"),
     Option("amp", "off", Choice("off", "bf16"),
            "bf16: forward passes of training and evaluation under torch.autocast in "
-           "bfloat16 (CUDA only)"),
+           "bfloat16 (CUDA only); the matching loss feeds the GPU kernels bf16 maps and "
+           "accumulates in float32"),
     Option("channels_last", False, Flag(),
            "models and input batches in torch.channels_last memory format"),
 )

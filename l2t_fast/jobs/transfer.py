@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from l2t_fast import checkpoint, methods
-from l2t_fast.data import labelled_subset, load_data, offers
+from l2t_fast.data import batch_spans, labelled_subset, load_data, offers
 from l2t_fast.data.digits import SCENARIO_SETTINGS
 from l2t_fast.jobs import options
 from l2t_fast.jobs import runs as runs_module
@@ -312,17 +312,18 @@ class _Job:
         unlabelled images that the method ``needs`` are drawn at random, as many as the
         labelled batch has, from their own generator (so methods that need none draw
         nothing)."""
-        shift = self.config["augment_shift"]
-        for x, y in self.data.labelled_batches(chosen, self.config["batch_size"], generator,
-                                               shift):
+        shift, batch_size = self.config["augment_shift"], self.config["batch_size"]
+        if "unlabelled" in needs:
+            sizes = [stop - start for start, stop in batch_spans(len(chosen), batch_size)]
+            unlabelled = iter(self.data.unlabelled_batches(sizes, extras_generator, shift))
+        for x, y in self.data.labelled_batches(chosen, batch_size, generator, shift):
             batch = Batch(self._layout(x), y)
             if "source_batches" in needs:
                 source_x, batch.source_y = self.data.random_source(
                     len(x), extras_generator, shift)
                 batch.source_x = self._layout(source_x)
             if "unlabelled" in needs:
-                batch.unlabelled = self._layout(
-                    self.data.random_unlabelled(len(x), extras_generator, shift))
+                batch.unlabelled = self._layout(next(unlabelled))
             yield batch
 
     def run(self, method_name, seed, bar):

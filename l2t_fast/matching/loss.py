@@ -5,7 +5,10 @@ part that touches the feature maps. Weighting them by channel weights, pair weig
 beta is a few small tensor ops over ``[B, sum_i Cs_i]``, done here in PyTorch for every
 backend alike, so autograd differentiates it (twice) and the kernels stay weight-free.
 """
+import functools
+import inspect
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -13,6 +16,44 @@ from torch import nn
 from l2t_fast.matching import backends
 from l2t_fast.matching.inputs import check_matching_inputs, check_tangents
 from l2t_fast.matching.backends.registration import errors_dtype
+
+
+_TENSOR_LISTS = ("source_feats", "target_feats", "weight", "bias", "channel_weights",
+                 "pair_weights", "target_tangents", "weight_tangents", "bias_tangents")
+
+
+def _autocast_aware(loss_function):
+    """Under ``torch.autocast`` the features come in bf16/fp16 and the regressors in
+    float32: cast every float32 or half tensor in the tensor-list arguments to the dtype the
+    backend computes in (``backends.autocast_input_dtype``) and run with autocast off, so
+    the loss takes a mixed-precision step's inputs (beta is applied in float32 anyway).
+    float64 stays float64; outside autocast nothing changes (mixed dtypes are an error)."""
+    signature = inspect.signature(loss_function)
+
+    @functools.wraps(loss_function)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        feats = bound.arguments["source_feats"]
+        if not (isinstance(feats, Sequence) and feats and isinstance(feats[0], torch.Tensor)):
+            return loss_function(*args, **kwargs)  # the checks say what is wrong
+        device = feats[0].device
+        dtype = backends.autocast_input_dtype(bound.arguments["backend"], device)
+        if dtype is None:
+            return loss_function(*args, **kwargs)
+
+        def cast(values):
+            if isinstance(values, torch.Tensor) or not isinstance(values, Sequence):
+                return values
+            return [v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                    and v.dtype != torch.float64 else v for v in values]
+
+        for name in _TENSOR_LISTS:
+            if name in bound.arguments:
+                bound.arguments[name] = cast(bound.arguments[name])
+        with torch.autocast(device.type, enabled=False):
+            return loss_function(*bound.args, **bound.kwargs)
+    return wrapper
 
 
 def _pair_sums(columns, channels):
@@ -151,6 +192,7 @@ def _fused_loss(inputs):
                                     *[t for group in groups for t in group])
 
 
+@_autocast_aware
 def weighted_feature_matching(source_feats, target_feats, pairs, weight, bias=None,
                               channel_weights=None, pair_weights=None, beta=0.5,
                               reduction="mean", backend="auto"):
@@ -169,6 +211,7 @@ def weighted_feature_matching(source_feats, target_feats, pairs, weight, bias=No
     return _weigh(errors, inputs, reduction)
 
 
+@_autocast_aware
 def weighted_feature_matching_jvp(source_feats, target_feats, pairs, weight, bias=None,
                                   channel_weights=None, pair_weights=None, beta=0.5,
                                   target_tangents=None, weight_tangents=None,
@@ -193,6 +236,7 @@ def weighted_feature_matching_jvp(source_feats, target_feats, pairs, weight, bia
     return _weigh(errors_tangent, inputs, reduction)
 
 
+@_autocast_aware
 def weighted_feature_matching_grads(source_feats, target_feats, pairs, weight, bias=None,
                                     channel_weights=None, pair_weights=None, beta=0.5,
                                     create_graph=False, backend="auto"):

@@ -143,6 +143,25 @@ def resolve(name, device, dtype) -> Backend:
     return backend
 
 
+def autocast_input_dtype(name, device):
+    """The dtype that the loss casts its float32 and autocast-dtype inputs to under
+    ``torch.autocast`` on ``device`` (None where autocast is off there).
+
+    Autocast gives bf16/fp16 features but leaves the regressors float32, so the inputs
+    arrive mixed. The GPU backends take half inputs and accumulate in float32 (docs/SPEC.md),
+    so there the inputs go to the autocast dtype; a backend without half kernels (the C++
+    CPU kernels, the reference, Triton's interpreter) computes in float32 instead.
+    """
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    half = torch.get_autocast_dtype(device.type)
+    try:
+        native = _choose(name, device, half).name != "reference"
+    except BackendUnavailable:
+        native = False
+    return half if native else torch.float32
+
+
 def _choose(name, device, dtype):
     if name == "auto":
         if device.type == "cuda":
