@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 
-def _as_matrix(features, name):
-    """``features`` as a float64 ``[n, d]`` matrix (4-D maps flattened per sample)."""
+def _check_features(features, name):
+    """``features`` must be a floating-point ``[n, ...]`` tensor (maps are flattened)."""
     if not isinstance(features, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(features).__name__}")
     if features.dim() < 2:
@@ -36,7 +36,26 @@ def _as_matrix(features, name):
                          f"{tuple(features.shape)}")
     if not features.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {features.dtype}")
-    return features.detach().flatten(1).to(torch.float64)
+
+
+class _Float64Workspace:
+    """Where each layer's features become a float64 ``[n, d]`` matrix, one layer at a time.
+
+    One buffer, reused for every layer and batch: a fresh float64 copy per layer costs as
+    much as its Gram matrix (the page faults of a new multi-megabyte allocation), and
+    converting every layer first would hold all of them at once."""
+
+    def __init__(self):
+        self._buffer = None
+
+    def matrix(self, features):
+        flat = features.detach().flatten(1)
+        if flat.dtype == torch.float64:
+            return flat
+        if (self._buffer is None or self._buffer.numel() < flat.numel()
+                or self._buffer.device != flat.device):
+            self._buffer = torch.empty(flat.numel(), dtype=torch.float64, device=flat.device)
+        return self._buffer[:flat.numel()].view(flat.shape).copy_(flat)
 
 
 def _min_samples(debiased):
@@ -55,15 +74,15 @@ class _GramSummaries:
     """What every HSIC needs of one layer's Gram matrices, stacked over layers: the
     flattened matrices ``[layers, n*n]``, their row sums ``[layers, n]`` and totals."""
 
-    def __init__(self, matrices, debiased):
-        n = matrices[0].shape[0]
-        grams = torch.stack([x @ x.T for x in matrices])
+    def __init__(self, features, debiased, workspace):
+        n = features[0].shape[0]
+        grams = torch.stack([x @ x.T for x in map(workspace.matrix, features)])
         if debiased:
             grams.diagonal(dim1=1, dim2=2).zero_()
         else:  # H K H
             grams = grams - grams.mean(1, keepdim=True)
             grams = grams - grams.mean(2, keepdim=True)
-        self.flat = grams.reshape(len(matrices), n * n)
+        self.flat = grams.reshape(len(features), n * n)
         self.row_sums = grams.sum(2)
         self.totals = self.row_sums.sum(1)
         self.n, self.debiased = n, debiased
@@ -87,21 +106,21 @@ class _GramSummaries:
                 - 2.0 / (n - 2) * (self.row_sums * self.row_sums).sum(1)) / (n * (n - 3))
 
 
-def _summaries(features, name, debiased, n=None):
+def _summaries(features, name, debiased, workspace, n=None):
     if isinstance(features, Tensor) or not isinstance(features, (list, tuple)):
         raise TypeError(f"{name} must be a list of tensors (one per layer), got "
                         f"{type(features).__name__}")
     if not features:
         raise ValueError(f"{name} is empty: give at least one layer's features")
-    matrices = [_as_matrix(f, f"{name}[{i}]") for i, f in enumerate(features)]
-    for i, matrix in enumerate(matrices):
-        expected = matrices[0].shape[0] if n is None else n
-        if matrix.shape[0] != expected:
-            raise ValueError(f"{name}[{i}] has {matrix.shape[0]} samples, but the other "
+    for i, f in enumerate(features):
+        _check_features(f, f"{name}[{i}]")
+        expected = features[0].shape[0] if n is None else n
+        if f.shape[0] != expected:
+            raise ValueError(f"{name}[{i}] has {f.shape[0]} samples, but the other "
                              f"features have {expected}: every layer must see the same "
                              f"samples")
-    _check_samples(matrices[0].shape[0], debiased, name)
-    return _GramSummaries(matrices, debiased)
+    _check_samples(features[0].shape[0], debiased, name)
+    return _GramSummaries(features, debiased, workspace)
 
 
 class MinibatchCKA:
@@ -118,10 +137,11 @@ class MinibatchCKA:
         self.debiased = debiased
         self.batches = 0
         self._cross = self._x_self = self._y_self = None
+        self._workspace = _Float64Workspace()
 
     def update(self, x_feats, y_feats):
-        x = _summaries(x_feats, "x_feats", self.debiased)
-        y = _summaries(y_feats, "y_feats", self.debiased, n=x.n)
+        x = _summaries(x_feats, "x_feats", self.debiased, self._workspace)
+        y = _summaries(y_feats, "y_feats", self.debiased, self._workspace, n=x.n)
         cross, x_self, y_self = x.hsic(y), x.self_hsic(), y.self_hsic()
         if self._cross is None:
             self._cross, self._x_self, self._y_self = cross, x_self, y_self
@@ -153,12 +173,15 @@ def cka(x, y, debiased=False):
     samples (maps are flattened per sample), a float in [0, 1] (the debiased estimate may
     fall slightly outside). A ValueError if ``n`` differs, is too small (below 4 when
     ``debiased``: the unbiased HSIC is undefined there) or a side has no variance."""
-    x_matrix, y_matrix = _as_matrix(x, "x"), _as_matrix(y, "y")
-    if x_matrix.shape[0] != y_matrix.shape[0]:
-        raise ValueError(f"x has {x_matrix.shape[0]} samples but y has {y_matrix.shape[0]}: "
+    _check_features(x, "x")
+    _check_features(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}: "
                          f"CKA compares features of the same samples")
-    _check_samples(x_matrix.shape[0], debiased, "x")
-    xs, ys = _GramSummaries([x_matrix], debiased), _GramSummaries([y_matrix], debiased)
+    _check_samples(x.shape[0], debiased, "x")
+    workspace = _Float64Workspace()
+    xs, ys = (_GramSummaries([x], debiased, workspace),
+              _GramSummaries([y], debiased, workspace))
     for name, summary in (("x", xs), ("y", ys)):
         if not summary.self_hsic()[0] > 0:
             raise ValueError(f"{name} has no variance across its samples (HSIC({name}, "
