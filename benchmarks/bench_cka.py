@@ -111,8 +111,9 @@ def test_all_pairs_cka(benchmark, config, implementation):
     assert (result - expected).abs().max().item() < 1e-6
     benchmark.extra_info["max_abs_difference"] = (result - expected).abs().max().item()
     benchmark.extra_info["config"] = name
+    benchmark.extra_info["kernel"] = f"cka/{name}"  # history.csv: one series per config
     benchmark.extra_info["implementation"] = implementation
     benchmark.extra_info["pairs"] = result.numel()
     benchmark.extra_info["peak_bytes"] = peak_memory_growth(lambda: fn(batches),
                                                             torch.device("cpu"))
-    benchmark.pedantic(fn, args=(batches,), rounds=3, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(fn, args=(batches,), rounds=7, iterations=1, warmup_rounds=1)
