@@ -32,15 +32,15 @@ def _autocast_aware(loss_function):
 
     @functools.wraps(loss_function)
     def wrapper(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        feats = bound.arguments["source_feats"]
+        feats = args[0] if args else kwargs.get("source_feats")
         if not (isinstance(feats, Sequence) and feats and isinstance(feats[0], torch.Tensor)):
             return loss_function(*args, **kwargs)  # the checks say what is wrong
         device = feats[0].device
-        dtype = backends.autocast_input_dtype(bound.arguments["backend"], device)
-        if dtype is None:
+        if not torch.is_autocast_enabled(device.type):  # the common case: nothing to bind
             return loss_function(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        dtype = backends.autocast_input_dtype(bound.arguments["backend"], device)
 
         def cast(values):
             if isinstance(values, torch.Tensor) or not isinstance(values, Sequence):
