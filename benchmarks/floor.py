@@ -10,15 +10,25 @@ history (``history.py``).
 
     python benchmarks/floor.py                 # the configs of this machine's devices
     python benchmarks/floor.py --json floor.json
+    python benchmarks/floor.py --against-ours 10   # ours / floor, in interleaved rounds
+
+``--against-ours ROUNDS`` measures, in each round, the matmul rate and then our fused step
+on the "cifar" config (median of 5), and prints the ratio of the two: a shared host's
+drift moves the floor and our step alike within a round, where separate runs of this
+script and of ``bench_loss.py`` compare different moments. It runs with glibc keeping
+freed memory (``l2t_fast.retain_freed_memory``), as ``l2t-fast`` runs, unless
+``--default-malloc``.
 """
 import argparse
 import json
+import statistics
 import time
 
 import torch
 
 import history
-from bench_loss import CONFIGS
+from bench_loss import CONFIGS, forward_backward, loss_function, make_inputs
+from l2t_fast.host_memory import retain_freed_memory
 
 # Projection passes: separate forward and backward ops (forward, recomputation of D, target
 # gradient, regressor gradient), and the fused op (D once, then the two gradients).
@@ -74,10 +84,42 @@ def copy_bandwidth(device):
     return 2 * src.numel() / seconds
 
 
+def against_ours(rounds, config="cifar"):
+    """Per round: our fused step's median time over the three-pass floor of that round."""
+    inputs = make_inputs(config)
+    step = loss_function("cpu")
+    flops, _ = work(config, PASSES["three-pass"])
+    ratios = []
+    for index in range(rounds):
+        floor = flops / matmul_rate(torch.device("cpu"), CONFIGS[config][1])
+        times = []
+        for _ in range(6):
+            start = time.perf_counter()
+            forward_backward(step, inputs)
+            times.append(time.perf_counter() - start)
+        ours = statistics.median(times[1:])
+        ratios.append(ours / floor)
+        print(f"round {index + 1}: ours {ours * 1e3:.1f} ms, three-pass floor "
+              f"{floor * 1e3:.1f} ms, {ratios[-1]:.2f}x the floor")
+    print(f"median of {rounds} rounds: {statistics.median(ratios):.2f}x the floor "
+          f"(range {min(ratios):.2f}-{max(ratios):.2f})")
+    history.append([dict(kernel=f"loss/{config}", implementation="cpu",
+                         mode="forward+backward", metric="ratio_to_three_pass_floor",
+                         value=f"{statistics.median(ratios):.6g}")])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--against-ours", type=int, metavar="ROUNDS",
+                        help="our fused step against the floor, in interleaved rounds")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's malloc defaults (no retain_freed_memory)")
     args = parser.parse_args()
+    retained = not args.default_malloc and retain_freed_memory()
+    if args.against_ours:
+        print("host allocator: " + ("freed blocks retained" if retained else "glibc defaults"))
+        return against_ours(args.against_ours)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     report = {"torch": torch.__version__, "host": history.host(), "devices": {},
               "configs": {}}

@@ -24,6 +24,7 @@ _EXPORTS = {
     "run_transfer": "l2t_fast.jobs.transfer",
     "resolve_config": "l2t_fast.jobs.transfer",
     "run_sweep": "l2t_fast.jobs.sweep",
+    "retain_freed_memory": "l2t_fast.host_memory",
 }
 
 __all__ = sorted(_EXPORTS)

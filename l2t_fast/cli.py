@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from l2t_fast.host_memory import retain_freed_memory
+
 COMMANDS = {
     "transfer": ("l2t_fast.jobs.transfer", "compare transfer methods on a few-label target task"),
     "sweep": ("l2t_fast.jobs.sweep", "hyperparameter sweep of the transfer job (Ray Tune)"),
@@ -30,6 +32,7 @@ def main(argv=None):
     """Entry point of ``l2t-fast`` and ``python -m l2t_fast``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    retain_freed_memory()  # this process is ours: no page faults of each step's tensors
     try:
         return args.handler(args) or 0
     except ValueError as error:

@@ -129,7 +129,8 @@ class _FusedTrainingStep(torch.autograd.Function):
     """``sum(E * coefficients)``, with the gradients in the feature maps and regressors made
     in the forward's sweep (``channel_errors_with_grads``: three GEMM passes instead of four).
 
-    The first backward scales the kept gradients by ``grad_output`` in place and hands them
+    The first backward scales the kept gradients by ``grad_output`` in place (unless it is
+    1, as in ``ce + matching``: a pass over every kept gradient for nothing) and hands them
     over; a second derivative (``create_graph=True``) or a second backward through a
     retained graph recomputes them with the differentiable ops, so both stay exact.
     """
@@ -155,7 +156,7 @@ class _FusedTrainingStep(torch.autograd.Function):
                                                 *groups, *ctx.pairs, list(ctx.mask))
             if torch.is_grad_enabled() and ctx.needs_input_grad[4]:
                 errors = ops.channel_errors(*groups, *ctx.pairs)
-        else:
+        elif not (grad_output.device.type == "cpu" and grad_output.item() == 1):
             grads = [[g.mul_(grad_output) for g in group] for group in grads]
         per_tensor = [g if wanted else None
                       for group, like, wanted in zip(grads, groups, ctx.mask)
