@@ -81,39 +81,27 @@ def _train_mode(model):
 
 
 def _sgd_lookahead(params, buffers, grads, lr, momentum, weight_decay):
-    """One torch.optim.SGD step (no dampening, no Nesterov) on tensors, differentiably.
+    """One torch.optim.SGD step (no dampening, no Nesterov) on plain tensors.
 
     A ``None`` gradient (the loss does not reach that parameter) counts as zero, so the
     parameter still moves by momentum and weight decay. A ``None`` buffer is a first step.
-    Without autograd, multi-tensor (``_foreach``) ops, as torch.optim uses: a step touches
-    every parameter tensor, and one op per tensor would cost more in dispatch than in
-    arithmetic. With autograd (a step that will be differentiated), one op per tensor:
-    a ``_foreach`` op's graph node saves its input lists, which kept two parameter-sized
-    intermediates (the decayed gradient, the scaled buffer) alive in the step's graph for
-    nothing (72 MiB of the paper setting's peak); per-tensor ops save no tensor here.
+    Multi-tensor (``_foreach``) ops, as torch.optim uses: a step touches every parameter
+    tensor, and one op per tensor would cost more in dispatch than in arithmetic. It runs
+    without autograd: the reverse sweep differentiates a step by ``_step_adjoints``.
     """
-    add, scale = _list_ops(torch.is_grad_enabled())
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    steps = add(grads, params, alpha=weight_decay) if weight_decay else grads
+    steps = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else grads
     new_buffers = list(buffers)
     if momentum:
         steps = list(steps)
         old = [i for i, buf in enumerate(buffers) if buf is not None]
         if old:
-            moved = add(scale([buffers[i] for i in old], momentum), [steps[i] for i in old])
+            moved = torch._foreach_add(torch._foreach_mul([buffers[i] for i in old], momentum),
+                                       [steps[i] for i in old])
             for i, buf in zip(old, moved):
                 steps[i] = buf
         new_buffers = steps
-    return list(add(params, steps, alpha=-lr)), new_buffers
-
-
-def _list_ops(per_tensor):
-    """``add(xs, ys, alpha)`` and ``scale(xs, factor)`` over lists of tensors: ``_foreach``
-    ops, or one op per tensor (``per_tensor``)."""
-    if not per_tensor:
-        return torch._foreach_add, torch._foreach_mul
-    return (lambda xs, ys, alpha=1: [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys)],
-            lambda xs, factor: [x * factor for x in xs])
+    return list(torch._foreach_add(params, steps, alpha=-lr)), new_buffers
 
 
 def _step_direction(adjoint_param, adjoint_buffer, lr, momentum):
@@ -123,6 +111,26 @@ def _step_direction(adjoint_param, adjoint_buffer, lr, momentum):
     if momentum and adjoint_buffer is not None:
         return adjoint_buffer if adjoint_param is None else adjoint_buffer - lr * adjoint_param
     return None if adjoint_param is None else -lr * adjoint_param
+
+
+def _step_adjoints(buffers, adjoint_theta, adjoint_buffers, directions, pulled, lr,
+                   momentum, weight_decay):
+    """Adjoints of a step's start (parameters, momentum buffers) from those of its end.
+
+    The step is theta' = theta - lr b', b' = momentum b + g + weight_decay theta (b' = g +
+    weight_decay theta on a first step; without momentum theta' = theta - lr (g +
+    weight_decay theta) and b' = b). With ``directions`` v, the adjoint it hands to g
+    (``_step_direction``), and ``pulled`` the derivative of <g, v> in theta (None for
+    zero): theta gets a + weight_decay v + pulled, b gets momentum v (the adjoint of b'
+    itself without momentum). Written out instead of differentiated through a graph of
+    the step, which would keep two parameter-sized outputs and their intermediates alive.
+    """
+    new_theta = [_add(_add(a, None if v is None or not weight_decay else weight_decay * v), h)
+                 for a, v, h in zip(adjoint_theta, directions, pulled)]
+    if not momentum:
+        return new_theta, [None if b is None else c for b, c in zip(buffers, adjoint_buffers)]
+    return new_theta, [None if b is None or v is None else momentum * v
+                       for b, v in zip(buffers, directions)]
 
 
 def _leaves(tensors):
@@ -265,24 +273,41 @@ class L2TWW:
 
     def _ce_step_adjoints(self, theta, buffers, x, y, hyper):
         """The lookahead CE step from (theta, buffers) of the target, then the final CE:
-        its value and its gradient for that start (parameters, then buffers)."""
-        theta, buffers = _leaves(theta), _leaves(buffers)
+        its value and its gradient for that start (parameters, then buffers).
+
+        The final parameters come from the step's gradient without a graph; the final
+        CE's gradient a in them is taken and its graph freed before the step's own double
+        backward pulls a back (``_step_adjoints``), so the two graphs are never alive
+        together."""
+        lr, momentum, weight_decay = hyper
+        theta = _leaves(theta)
         grads = torch.autograd.grad(self._lookahead_ce(theta, x, y), theta, create_graph=True,
                                     allow_unused=True)
-        final, _ = _sgd_lookahead(theta, buffers, grads, *hyper)
+        with torch.no_grad():
+            final, _ = _sgd_lookahead([t.detach() for t in theta], buffers,
+                                      [None if g is None else g.detach() for g in grads], *hyper)
+        final = _leaves(final)
         outer = self._lookahead_ce(final, x, y)
-        return outer.detach(), _grad([outer], [torch.ones_like(outer)], theta + buffers)
+        adjoint_final = _grad([outer], [torch.ones_like(outer)], final)
+        del final
+        nothing = [None] * len(theta)
+        directions = [_step_direction(a, None, lr, momentum) for a in adjoint_final]
+        pulled = _grad(grads, directions, theta)
+        adjoint_theta, adjoint_buffers = _step_adjoints(
+            buffers, adjoint_final, nothing, directions, pulled, *hyper)
+        return outer.detach(), adjoint_theta + adjoint_buffers
 
     def _meta_gradients(self, x, y, source_feats):
         """CE after the T + 1 lookahead steps, and its gradient for each meta parameter.
 
         Reverse mode with one checkpoint per step: the forward pass keeps only each
         matching step's starting point (parameters and momentum buffers, plain tensors);
-        the CE step's graph is kept and differentiated with the final CE; then every
-        matching step but the first is rebuilt with ``create_graph=True``, newest first, and
-        the adjoints of parameters, momentum buffers and meta-network outputs are pulled
-        through it, so one step's double-backward graph is alive at a time. The first step
-        only passes adjoints to the meta outputs (``pull_back_to_meta``).
+        the final CE's gradient is pulled back through the CE step's gradient graph; then
+        every matching step but the first is rebuilt with ``create_graph=True``, newest
+        first, and the adjoints of parameters, momentum buffers and meta-network outputs
+        are pulled through its gradient (the SGD update itself is differentiated by hand,
+        ``_step_adjoints``), so one step's double-backward graph is alive at a time. The
+        first step only passes adjoints to the meta outputs (``pull_back_to_meta``).
         """
         channel_weights, pair_weights = self._meta_weights(source_feats)
         meta_outputs = channel_weights + ([] if pair_weights is None else pair_weights)
@@ -300,13 +325,21 @@ class L2TWW:
                                                       create_graph)
 
         def pull_back(theta, buffers, adjoint_theta, adjoint_buffers, to_start=True):
-            """Adjoints of the meta outputs (and, ``to_start``, of the step's start) from
-            those of its end; the step's graph dies when this returns."""
-            theta, buffers = _leaves(theta), _leaves(buffers)
+            """Adjoints of the meta outputs and, ``to_start``, of the step's start
+            (parameters, buffers) from those of its end: the step reaches both through its
+            gradient g as <g, v> (``_step_direction``); the graph of g dies on return."""
+            lr, momentum, _ = hyper
+            theta = _leaves(theta)
             grads = matching_gradients(theta, create_graph=True)
-            new_theta, new_buffers = _sgd_lookahead(theta, buffers, grads, *hyper)
-            wanted = meta_leaves + (theta + buffers if to_start else [])
-            return _grad(new_theta + new_buffers, adjoint_theta + adjoint_buffers, wanted)
+            directions = [_step_direction(a, b, lr, momentum)
+                          for a, b in zip(adjoint_theta, adjoint_buffers)]
+            pulled = _grad(grads, directions, meta_leaves + (theta if to_start else []))
+            adjoint_meta = pulled[:len(meta_leaves)]
+            if not to_start:
+                return adjoint_meta, None, None
+            return (adjoint_meta, *_step_adjoints(buffers, adjoint_theta, adjoint_buffers,
+                                                  directions, pulled[len(meta_leaves):],
+                                                  *hyper))
 
         def pull_back_to_meta(theta, adjoint_theta, adjoint_buffers):
             """Adjoints of the meta outputs alone from those of the step's end.
@@ -347,10 +380,9 @@ class L2TWW:
         adjoint_meta = [None] * len(meta_leaves)
         for _ in range(1, self.inner_steps):
             theta, buffers = starts.pop()
-            grads = pull_back(theta, buffers, adjoint_theta, adjoint_buffers)
+            grads, adjoint_theta, adjoint_buffers = pull_back(theta, buffers, adjoint_theta,
+                                                              adjoint_buffers)
             adjoint_meta = [_add(a, g) for a, g in zip(adjoint_meta, grads)]
-            adjoint_theta = grads[len(meta_leaves):len(meta_leaves) + len(theta)]
-            adjoint_buffers = grads[len(meta_leaves) + len(theta):]
         if self._forward_mode:
             try:
                 grads = pull_back_to_meta(starts[0][0], adjoint_theta, adjoint_buffers)
@@ -360,7 +392,7 @@ class L2TWW:
                               f"which is exact but slower", stacklevel=4)
                 self._forward_mode = False
         if not self._forward_mode:
-            grads = pull_back(*starts[0], adjoint_theta, adjoint_buffers, to_start=False)
+            grads, _, _ = pull_back(*starts[0], adjoint_theta, adjoint_buffers, to_start=False)
         adjoint_meta = [_add(a, g) for a, g in zip(adjoint_meta, grads)]
 
         params = [p for _, p in self._meta_named]
