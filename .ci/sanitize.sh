@@ -35,5 +35,7 @@ PY
 # The CPU kernels' tests (the Triton interpreter and the CUDA tests are not what this checks).
 LD_PRELOAD="$libasan $libubsan" python -m pytest -q -p no:cacheprovider -k "not triton" \
   tests/test_loss.py tests/test_loss_grads.py tests/test_loss_jvp.py tests/test_fuzz_inputs.py
+LD_PRELOAD="$libasan $libubsan" python -m pytest -q -p no:cacheprovider -k gram_kernel \
+  tests/test_analysis.py
 echo "sanitize: CPU kernel tests passed under ASan and UBSan at $((SECONDS - start))s"
 [ -n "${SANITIZE_DIR:-}" ] || rm -rf "$scratch"

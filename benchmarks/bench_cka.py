@@ -1,7 +1,8 @@
 """All-pairs minibatch CKA of two 4-stage ResNets over the same data: ``MinibatchCKA`` (one
-Gram matrix per layer and batch, every pair's terms from two products) against the
-straightforward per-pair implementation that the public CKA packages follow (each pair's
-Gram matrices and HSIC terms recomputed), on the same features, in one run.
+Gram matrix per layer and batch, from the extension's ``gram`` kernel, every pair's terms
+from two products) against the straightforward per-pair implementation that the public CKA
+packages follow (each pair's Gram matrices and HSIC terms recomputed), on the same
+features, in one run.
 
     nice -n 10 python -m pytest benchmarks/bench_cka.py --benchmark-only
 

@@ -1,6 +1,7 @@
 // The l2t_fast op library: schemas of the four channel-error ops (see
 // l2t_fast/matching/backends/registration.py for their math) and of BatchNorm's double backward
-// (batch_norm_cpu.cpp, used by l2t_fast/methods/l2tww/batchnorm.py), and the Python module l2t_fast._C,
+// (batch_norm_cpu.cpp, used by l2t_fast/methods/l2tww/batchnorm.py), of CKA's float64 Gram matrix
+// (gram_cpu.cpp, used by l2t_fast/analysis/cka.py), and the Python module l2t_fast._C,
 // whose import loads them. Kernels register per device: *_cpu.cpp, cuda/.
 #include <Python.h>
 #include <torch/library.h>
@@ -28,6 +29,7 @@ TORCH_LIBRARY(l2t_fast, m) {
       "Tensor invstd, Tensor grad_grad_input, Tensor grad_grad_weight, "
       "Tensor grad_grad_bias) -> (Tensor grad_input, Tensor grad_weight, "
       "Tensor grad_grad_out)");
+  m.def("gram(Tensor features) -> Tensor");
 }
 
 #ifdef L2T_FAST_WITH_CUDA

@@ -1,6 +1,7 @@
 """l2t_fast.analysis against independent implementations written here, on random data and on
 structured cases."""
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -163,7 +164,7 @@ class _CountMatmuls(TorchFunctionMode):
         self.count = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm"):
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm", "gram"):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -178,6 +179,50 @@ def test_all_pairs_need_one_gram_per_layer_not_per_pair(layers):
     with _CountMatmuls() as counter:
         accumulator.update(xs, ys)
     assert counter.count == sum(layers) + 2
+
+
+# ---- the gram kernel (csrc/gram_cpu.cpp) ----------------------------------------------------
+
+needs_gram_kernel = pytest.mark.skipif(
+    not hasattr(torch.ops.l2t_fast, "gram") and os.environ.get("L2T_FAST_REQUIRE_EXTENSION") != "1",
+    reason="compiled extension not built")
+
+
+@needs_gram_kernel
+@given(n=st.integers(1, 40), d=st.integers(0, 200), double=st.booleans(),
+       transposed=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_gram_kernel_equals_float64_product(n, d, double, transposed, seed):
+    """Both of its paths (tiles where d >= 2 n, dgemm below) and strided input, against the
+    float64 product; float32 features are read as they are, so the products are exact."""
+    x = random(d, n, seed=seed).T if transposed else random(n, d, seed=seed)
+    x = x.double() if double else x
+    expected = x.double() @ x.double().T
+    result = torch.ops.l2t_fast.gram(x)
+    assert result.dtype == torch.float64 and result.shape == (n, n)
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
+
+
+@needs_gram_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gram_kernel_splits_tiles_over_threads(threads):
+    x = random(67, 2053, seed=5)  # rows and columns off the 4 x 4 tiles and 8 lanes
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = torch.ops.l2t_fast.gram(x)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(result, x.double() @ x.double().T, rtol=1e-12, atol=1e-10)
+    assert torch.equal(result, result.T)
+
+
+@needs_gram_kernel
+def test_gram_kernel_passes_opcheck_and_refuses_bad_input():
+    torch.library.opcheck(torch.ops.l2t_fast.gram.default, (random(6, 20),))
+    with pytest.raises(RuntimeError, match=r"must be \[n, d\], got shape \[2, 3, 4\]"):
+        torch.ops.l2t_fast.gram(random(2, 3, 4))
+    with pytest.raises(RuntimeError, match="float32 or float64, got Half"):
+        torch.ops.l2t_fast.gram(random(4, 8).half())
 
 
 def test_minibatch_cka_errors():

@@ -20,11 +20,16 @@ because ``tr(K~ L~)`` is the dot product of the flattened matrices (both are sym
 ``1^T K~ L~ 1`` is the dot product of the row sums. So each layer's Gram matrix is computed
 once per batch, and the cross terms of all pairs are one matrix product of the stacked
 summaries. Everything is accumulated in float64.
+
+On CPU the Gram matrices come from the extension's ``gram`` kernel (csrc/gram_cpu.cpp):
+float32 features read as they are, one triangle computed, float64 products and sums.
 """
 import math
 
 import torch
 from torch import Tensor
+
+from l2t_fast.matching.backends import compiled
 
 
 def _check_features(features, name):
@@ -38,8 +43,27 @@ def _check_features(features, name):
         raise TypeError(f"{name} must be a floating-point tensor, got {features.dtype}")
 
 
+# An extension built before the kernel existed has no gram op: it keeps working.
+_HAS_GRAM_KERNEL = compiled.load_problem() is None and hasattr(torch.ops.l2t_fast, "gram")
+if _HAS_GRAM_KERNEL:
+    @torch.library.register_fake("l2t_fast::gram")
+    def _fake_gram(features):
+        return features.new_empty((features.shape[0], features.shape[0]), dtype=torch.float64)
+
+
+def _gram(features, workspace):
+    """The float64 Gram matrix ``X X^T`` of one layer's features, flattened per sample."""
+    flat = features.detach().flatten(1)
+    if (flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64)
+            and _HAS_GRAM_KERNEL):
+        return torch.ops.l2t_fast.gram(flat)
+    matrix = workspace.matrix(flat)
+    return matrix @ matrix.T
+
+
 class _Float64Workspace:
-    """Where each layer's features become a float64 ``[n, d]`` matrix, one layer at a time.
+    """Where each layer's features become a float64 ``[n, d]`` matrix, one layer at a time,
+    where the ``gram`` kernel does not run (GPU tensors, half precision, no extension).
 
     One buffer, reused for every layer and batch: a fresh float64 copy per layer costs as
     much as its Gram matrix (the page faults of a new multi-megabyte allocation), and
@@ -48,8 +72,7 @@ class _Float64Workspace:
     def __init__(self):
         self._buffer = None
 
-    def matrix(self, features):
-        flat = features.detach().flatten(1)
+    def matrix(self, flat):
         if flat.dtype == torch.float64:
             return flat
         if (self._buffer is None or self._buffer.numel() < flat.numel()
@@ -76,7 +99,7 @@ class _GramSummaries:
 
     def __init__(self, features, debiased, workspace):
         n = features[0].shape[0]
-        grams = torch.stack([x @ x.T for x in map(workspace.matrix, features)])
+        grams = torch.stack([_gram(x, workspace) for x in features])
         if debiased:
             grams.diagonal(dim1=1, dim2=2).zero_()
         else:  # H K H
