@@ -7,10 +7,11 @@
 // triangle is sixteen dot products along d in AVX-512 registers (eight float64 lanes each,
 // float32 converted on load), d is walked in chunks that stay in L2 across tiles, and each
 // tile's lane partials live in a small buffer until a last pass adds the lanes and mirrors
-// the tile: half the multiplications, no copy, 2.5-3x faster than the copy and dgemm.
-// Where AVX-512 is missing, or where dgemm wins (measured: d < 2n, where the dot products are
-// short, or n > kMaxSamples, whose tile buffers would outgrow the output), it is at::mm in
-// float64.
+// the tile: half the multiplications, no copy. At n = 64 (benchmarks/RESULTS.md) that is
+// 4.0-4.6x faster than a float64 copy and dgemm for float32 input, 2.2-2.6x for float64.
+// Where AVX-512 is missing, where dgemm wins (measured: d < 2n, where the dot products are
+// short), or for n > kMaxSamples (the tile buffers hold four times the output), it is at::mm
+// in float64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
