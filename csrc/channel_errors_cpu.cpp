@@ -69,11 +69,13 @@ struct Resampler {
     }
   }
 
-  // out[j] = S~[p0 + j] for j < len; `between` holds source_width scratch values.
-  void sample(const scalar_t* channel, int64_t p0, int64_t len, scalar_t* out,
+  // out[j] = S~[p0 + j] - minus for j < len; `between` holds source_width scratch values.
+  // The kernels subtract the bias here, while the row is being written.
+  void sample(const scalar_t* channel, int64_t p0, int64_t len, scalar_t minus, scalar_t* out,
               scalar_t* between) const {
     if (identity) {
-      std::copy(channel + p0, channel + p0 + len, out);
+      _Pragma("omp simd")
+      for (int64_t j = 0; j < len; ++j) out[j] = channel[p0 + j] - minus;
       return;
     }
     for (int64_t h = p0 / target_width; h * target_width < p0 + len; ++h, out += target_width) {
@@ -82,7 +84,8 @@ struct Resampler {
       const scalar_t wt = row_lo_weight[h], wb = row_hi_weight[h];
       for (int64_t x = 0; x < source_width; ++x) between[x] = wt * top[x] + wb * bottom[x];
       for (int64_t w = 0; w < target_width; ++w) {
-        out[w] = col_lo_weight[w] * between[col_lo[w]] + col_hi_weight[w] * between[col_hi[w]];
+        out[w] = col_lo_weight[w] * between[col_lo[w]] + col_hi_weight[w] * between[col_hi[w]] -
+                 minus;
       }
     }
   }
@@ -105,13 +108,14 @@ struct Resampler {
   }
 
   // As `sample`, from the channel's `resize_columns` output.
-  void sample_rows(const scalar_t* columns, int64_t p0, int64_t len, scalar_t* out) const {
+  void sample_rows(const scalar_t* columns, int64_t p0, int64_t len, scalar_t minus,
+                   scalar_t* out) const {
     for (int64_t h = p0 / target_width; h * target_width < p0 + len; ++h, out += target_width) {
       const scalar_t* top = columns + row_lo[h] * target_width;
       const scalar_t* bottom = columns + row_hi[h] * target_width;
       const scalar_t wt = row_lo_weight[h], wb = row_hi_weight[h];
       _Pragma("omp simd")
-      for (int64_t w = 0; w < target_width; ++w) out[w] = wt * top[w] + wb * bottom[w];
+      for (int64_t w = 0; w < target_width; ++w) out[w] = wt * top[w] + wb * bottom[w] - minus;
     }
   }
 
@@ -139,13 +143,15 @@ struct Resampler {
   }
 };
 
-// Per-worker scratch: the resamplers of every pair, a source row's worth of scratch, and
-// the current sample's column-resized source channels of the pairs that use them.
+// Per-worker scratch: the resamplers of every pair, a source row's worth of scratch, the
+// column-resized source channels of the block's samples for the pairs that use them, and
+// room for the target (and its gradient) of a block of several samples, side by side.
 template <typename scalar_t>
 struct Scratch {
   std::vector<Resampler<scalar_t>> resample;  // per pair
   std::vector<scalar_t> between;
   std::vector<scalar_t> columns;
+  at::Tensor target_block, target_grad_block;
 };
 
 // Everything a kernel needs, prepared once per call.
@@ -178,12 +184,23 @@ int64_t tile_length(int64_t height, int64_t width) {
   return std::min(height, std::max<int64_t>(1, kTile / width)) * width;
 }
 
-// The largest block of any group, in elements.
-int64_t largest_block(const Prepared& prep) {
+// Samples per block of a group: `side_by_side`, maps smaller than a tile go several samples
+// to a block, so that the products are not thin (a 4x4 map alone gives a GEMM 16 columns
+// wide). The chunks of kSampleChunks below cap it further.
+int64_t samples_per_block(const Prepared& prep, const TargetGroup& group, bool side_by_side) {
+  const at::Tensor& t = prep.target[group.target];
+  return side_by_side ? std::max<int64_t>(1, kTile / (t.size(2) * t.size(3))) : 1;
+}
+
+// The largest block of any group, in elements of D (`rows`) or of the target (`channels`).
+int64_t largest_block(const Prepared& prep, bool side_by_side, bool channels = false) {
   int64_t size = 0;
   for (const auto& group : prep.plan.groups) {
     const at::Tensor& t = prep.target[group.target];
-    size = std::max(size, group.rows * tile_length(t.size(2), t.size(3)));
+    const int64_t samples = samples_per_block(prep, group, side_by_side);
+    if (channels && samples == 1) continue;  // single-sample blocks use views of the target
+    size = std::max(size, (channels ? t.size(1) : group.rows) * samples *
+                              tile_length(t.size(2), t.size(3)));
   }
   return size;
 }
@@ -209,16 +226,35 @@ int64_t column_scratch_size(const Prepared& prep, const TargetGroup& group,
 // threads, so that a run (and a resumed run) is bit for bit reproducible.
 constexpr int64_t kSampleChunks = 16;
 
-// Visits every block (sample b, group g, positions [p0, p0 + len)) with D = S~ - W T - b
-// computed in `d` ([rows, len], contiguous). `visit(state, b, g, p0, len, d, scratch)` gets
-// the private accumulators `State` of b's chunk; `finish(state)` merges them, chunk by chunk
-// in order, after all blocks are visited.
+// One block of group `group`: positions [p0, p0 + len) of samples [first_sample,
+// first_sample + samples), side by side (sample s owns columns [s * len, (s + 1) * len));
+// several samples only where the whole map fits (p0 = 0, len = HW).
+struct Block {
+  int64_t first_sample = 0, samples = 1;
+  size_t group = 0;
+  int64_t p0 = 0, len = 0;
+  int64_t width = 0;  // samples * len, the row length of d
+  at::Tensor d;       // D = S~ - W T - b, [rows, width], contiguous
+  at::Tensor t;       // the target at the block, [Ct, width]: a view, or a copy
+};
+
+// Visits every block with D computed in `block.d`. `visit(state, block, scratch)` gets the
+// private accumulators `State` of the block's chunk; `finish(state)` merges them, chunk by
+// chunk in order, after all blocks are visited. `side_by_side`: several samples per block
+// where maps are small (see samples_per_block).
 template <typename scalar_t, typename State, typename MakeState, typename Visit,
           typename Finish>
-void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, MakeState make_state,
-                    Visit visit, Finish finish) {
+void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, bool side_by_side,
+                    MakeState make_state, Visit visit, Finish finish) {
   const auto& plan = prep.plan;
-  const int64_t block_size = largest_block(prep);
+  const int64_t block_size = largest_block(prep, side_by_side);
+  const int64_t target_block_size = largest_block(prep, side_by_side, true);
+  std::vector<int64_t> per_block;
+  for (const auto& group : plan.groups) {
+    per_block.push_back(samples_per_block(prep, group, side_by_side));
+  }
+  // Samples are taken in sets of the largest block, each set group by group.
+  const int64_t set_size = *std::max_element(per_block.begin(), per_block.end());
   int64_t widest_source = 0;
   for (const auto& s : prep.source) widest_source = std::max(widest_source, s.size(3));
   const int64_t chunks = std::min(plan.batch, kSampleChunks);
@@ -231,73 +267,120 @@ void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, MakeState
     at::Tensor buffer = at::empty({block_size}, prep.source[0].options());
     Scratch<scalar_t> scratch;
     scratch.between.resize(widest_source);
+    if (target_block_size > 0) {
+      scratch.target_block = at::empty({target_block_size}, prep.source[0].options());
+      scratch.target_grad_block = at::empty({target_block_size}, prep.source[0].options());
+    }
     for (size_t i = 0; i < pair_source.size(); ++i) {
       const at::Tensor& s = prep.source[pair_source[i]];
       scratch.resample.emplace_back(prep.resize[i].first, prep.resize[i].second, s.size(2),
                                     s.size(3));
     }
     int64_t column_size = 0;
-    for (const auto& group : plan.groups) {
-      column_size = std::max(column_size,
-                             column_scratch_size(prep, group, pair_source, scratch.resample));
+    for (size_t g = 0; g < plan.groups.size(); ++g) {
+      column_size = std::max(column_size, per_block[g] * column_scratch_size(
+                                              prep, plan.groups[g], pair_source, scratch.resample));
     }
     scratch.columns.resize(column_size);
     std::vector<const scalar_t*> columns_of(pair_source.size());  // per pair; null: `sample`
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       State& state = states[chunk];
-      for (int64_t b = chunk * plan.batch / chunks; b < (chunk + 1) * plan.batch / chunks; ++b) {
+      const int64_t chunk_end_sample = (chunk + 1) * plan.batch / chunks;
+      for (int64_t set = chunk * plan.batch / chunks; set < chunk_end_sample; set += set_size) {
+        const int64_t set_end = std::min(set + set_size, chunk_end_sample);
         for (size_t g = 0; g < plan.groups.size(); ++g) {
           const auto& group = plan.groups[g];
           const at::Tensor& t = prep.target[group.target];
-          const at::Tensor t_b = sample_matrix(t, b);
-          const int64_t hw = t.size(2) * t.size(3), tile = tile_length(t.size(2), t.size(3));
+          const int64_t ct = t.size(1), hw = t.size(2) * t.size(3);
+          const int64_t tile = tile_length(t.size(2), t.size(3));
           const scalar_t* bias = prep.bias_stack[g].data_ptr<scalar_t>();
-          scalar_t* columns = scratch.columns.data();
-          for (const int64_t i : group.pairs) {
-            const Resampler<scalar_t>& resample = scratch.resample[i];
-            columns_of[i] = nullptr;
-            if (!resample.columns_first()) continue;
-            const at::Tensor& s = prep.source[pair_source[i]];
-            const int64_t cs = s.size(1), plane = s.size(2) * s.size(3);
-            const int64_t resized = s.size(2) * t.size(3);
-            const scalar_t* s_b = s.data_ptr<scalar_t>() + b * cs * plane;
-            columns_of[i] = columns;
-            for (int64_t c = 0; c < cs; ++c, columns += resized) {
-              resample.resize_columns(s_b + c * plane, columns);
-            }
-          }
-          for (int64_t p0 = 0; p0 < hw; p0 += tile) {
-            const int64_t len = std::min(tile, hw - p0);
-            at::Tensor d = buffer.narrow(0, 0, group.rows * len).view({group.rows, len});
-            // D = (S~ - b) - W T: the resized source minus the bias goes in first, and the
-            // product is subtracted in place by the GEMM (beta = 1), one pass less over D.
-            scalar_t* d_data = d.data_ptr<scalar_t>();
-            for (size_t k = 0; k < group.pairs.size(); ++k) {
-              const int64_t i = group.pairs[k];
+          for (int64_t b0 = set; b0 < set_end; b0 += per_block[g]) {
+            const int64_t samples = std::min(per_block[g], set_end - b0);
+            // Column-resized source channels, sample after sample within each pair.
+            scalar_t* columns = scratch.columns.data();
+            for (const int64_t i : group.pairs) {
+              const Resampler<scalar_t>& resample = scratch.resample[i];
+              columns_of[i] = nullptr;
+              if (!resample.columns_first()) continue;
               const at::Tensor& s = prep.source[pair_source[i]];
               const int64_t cs = s.size(1), plane = s.size(2) * s.size(3);
-              const scalar_t* s_b = s.data_ptr<scalar_t>() + b * cs * plane;
               const int64_t resized = s.size(2) * t.size(3);
-              for (int64_t c = 0; c < cs; ++c) {
-                const int64_t r = group.row_offset[k] + c;
-                scalar_t* row = d_data + r * len;
-                if (columns_of[i]) {
-                  scratch.resample[i].sample_rows(columns_of[i] + c * resized, p0, len, row);
-                } else {
-                  scratch.resample[i].sample(s_b + c * plane, p0, len, row, scratch.between.data());
-                }
-                const scalar_t bias_r = bias[r];
-                for (int64_t j = 0; j < len; ++j) row[j] -= bias_r;
+              columns_of[i] = columns;
+              for (int64_t c = 0; c < samples * cs; ++c, columns += resized) {
+                resample.resize_columns(s.data_ptr<scalar_t>() + b0 * cs * plane + c * plane,
+                                        columns);
               }
             }
-            d.addmm_(prep.weight_stack[g], t_b.narrow(1, p0, len), 1, -1);
-            visit(state, b, g, p0, len, d, scratch);
+            for (int64_t p0 = 0; p0 < hw; p0 += tile) {
+              Block block;
+              block.first_sample = b0, block.samples = samples, block.group = g;
+              block.p0 = p0, block.len = std::min(tile, hw - p0);
+              const int64_t len = block.len, width = block.width = samples * len;
+              block.d = buffer.narrow(0, 0, group.rows * width).view({group.rows, width});
+              // D = (S~ - b) - W T: the resized source minus the bias goes in first, and
+              // the product is subtracted in place by the GEMM (beta = 1), one pass less.
+              scalar_t* d_data = block.d.data_ptr<scalar_t>();
+              for (size_t k = 0; k < group.pairs.size(); ++k) {
+                const int64_t i = group.pairs[k];
+                const at::Tensor& s = prep.source[pair_source[i]];
+                const int64_t cs = s.size(1), plane = s.size(2) * s.size(3);
+                const int64_t resized = s.size(2) * t.size(3);
+                for (int64_t sample = 0; sample < samples; ++sample) {
+                  const scalar_t* s_b = s.data_ptr<scalar_t>() + (b0 + sample) * cs * plane;
+                  for (int64_t c = 0; c < cs; ++c) {
+                    const int64_t r = group.row_offset[k] + c;
+                    scalar_t* row = d_data + r * width + sample * len;
+                    if (columns_of[i]) {
+                      scratch.resample[i].sample_rows(
+                          columns_of[i] + (sample * cs + c) * resized, p0, len, bias[r], row);
+                    } else {
+                      scratch.resample[i].sample(s_b + c * plane, p0, len, bias[r], row,
+                                                 scratch.between.data());
+                    }
+                  }
+                }
+              }
+              if (samples == 1) {
+                block.t = sample_matrix(t, b0).narrow(1, p0, len);
+              } else {  // whole maps (p0 = 0, len = hw), copied side by side
+                block.t = scratch.target_block.narrow(0, 0, ct * width).view({ct, width});
+                block.t.view({ct, samples, hw})
+                    .copy_(t.narrow(0, b0, samples).view({samples, ct, hw}).transpose(0, 1));
+              }
+              block.d.addmm_(prep.weight_stack[g], block.t, 1, -1);
+              visit(state, block, scratch);
+            }
           }
         }
       }
     }
   });
   for (State& state : states) finish(state);
+}
+
+// The target gradient of a block, -W^T G with G the block's gradient of D (`grad`, [rows,
+// width]) plus `extra` (a [Ct, width] product to add, or undefined), written into `out`'s
+// positions of the block's samples.
+template <typename scalar_t>
+void write_target_grad(at::Tensor& out, const Prepared& prep, const Block& block,
+                       const at::Tensor& grad, Scratch<scalar_t>& scratch,
+                       const std::optional<at::Tensor>& extra_weight = std::nullopt,
+                       const at::Tensor& extra_grad = at::Tensor()) {
+  const at::Tensor& w = prep.weight_stack[block.group];
+  const int64_t ct = out.size(1), hw = out.size(2) * out.size(3);
+  at::Tensor dest;
+  if (block.samples == 1) {
+    dest = sample_matrix(out, block.first_sample).narrow(1, block.p0, block.len);
+  } else {
+    dest = scratch.target_grad_block.narrow(0, 0, ct * block.width).view({ct, block.width});
+  }
+  at::addmm_out(dest, dest, w.t(), grad, 0, -1);
+  if (extra_weight) dest.addmm_(extra_weight->t(), extra_grad, 1, -1);
+  if (block.samples > 1) {
+    out.narrow(0, block.first_sample, block.samples)
+        .view({block.samples, ct, hw})
+        .copy_(dest.view({ct, block.samples, hw}).transpose(0, 1));
+  }
 }
 
 struct NoState {};
@@ -312,23 +395,27 @@ at::Tensor channel_errors_cpu(at::TensorList source, at::TensorList target,
   AT_DISPATCH_FLOATING_TYPES(errors.scalar_type(), "channel_errors_cpu", [&] {
     scalar_t* e = errors.data_ptr<scalar_t>();
     for_each_block<scalar_t, NoState>(
-        prep, pair_source, [] { return NoState{}; },
-        [&](NoState&, int64_t b, size_t g, int64_t, int64_t len, const at::Tensor& d,
-            Scratch<scalar_t>&) {
-          const auto& group = plan.groups[g];
+        prep, pair_source, /*side_by_side=*/true, [] { return NoState{}; },
+        [&](NoState&, const Block& block, Scratch<scalar_t>&) {
+          const auto& group = plan.groups[block.group];
           const at::Tensor& t = prep.target[group.target];
           const scalar_t inv_hw = scalar_t(1) / static_cast<scalar_t>(t.size(2) * t.size(3));
-          const scalar_t* d_data = d.data_ptr<scalar_t>();
-          for (size_t k = 0; k < group.pairs.size(); ++k) {
-            const int64_t i = group.pairs[k];
-            const int64_t cs = prep.source[pair_source[i]].size(1);
-            scalar_t* e_b = e + b * plan.columns + plan.column_offset[i];
-            for (int64_t c = 0; c < cs; ++c) {
-              const scalar_t* row = d_data + (group.row_offset[k] + c) * len;
-              scalar_t sum = 0;
-              _Pragma("omp simd reduction(+ : sum)")
-              for (int64_t j = 0; j < len; ++j) sum += row[j] * row[j];
-              e_b[c] += sum * inv_hw;
+          const int64_t len = block.len;
+          const scalar_t* d_data = block.d.data_ptr<scalar_t>();
+          for (int64_t sample = 0; sample < block.samples; ++sample) {
+            for (size_t k = 0; k < group.pairs.size(); ++k) {
+              const int64_t i = group.pairs[k];
+              const int64_t cs = prep.source[pair_source[i]].size(1);
+              scalar_t* e_b =
+                  e + (block.first_sample + sample) * plan.columns + plan.column_offset[i];
+              for (int64_t c = 0; c < cs; ++c) {
+                const scalar_t* row =
+                    d_data + (group.row_offset[k] + c) * block.width + sample * len;
+                scalar_t sum = 0;
+                _Pragma("omp simd reduction(+ : sum)")
+                for (int64_t j = 0; j < len; ++j) sum += row[j] * row[j];
+                e_b[c] += sum * inv_hw;
+              }
             }
           }
         },
@@ -373,7 +460,8 @@ std::vector<at::Tensor> in_input_layout(std::vector<at::Tensor> grads, at::Tenso
   return grads;
 }
 
-// Scales the rows of a [rows, len] block by (2 / HW) * grad_errors[b, column(row)] and,
+// Scales the rows of one sample's [rows, len] part of a block (rows `stride` apart) by
+// (2 / HW) * grad_errors[b, column(row)] and,
 // given `minus_row_sums` (the bias gradient, [rows]), subtracts each scaled row's sum from
 // it in the same pass. Given `errors_b` (sample b's row of E), it also adds each row's
 // mean square, taken before the scaling, while the block is in cache: the forward's
@@ -381,7 +469,8 @@ std::vector<at::Tensor> in_input_layout(std::vector<at::Tensor> grads, at::Tenso
 template <typename scalar_t>
 void scale_rows(scalar_t* block, const scalar_t* scaled_grad_b, const TargetGroup& group,
                 const PairPlan& plan, const Prepared& prep, at::IntArrayRef pair_source,
-                int64_t len, scalar_t* minus_row_sums, scalar_t* errors_b = nullptr) {
+                int64_t len, int64_t stride, scalar_t* minus_row_sums,
+                scalar_t* errors_b = nullptr) {
   const at::Tensor& t = prep.target[group.target];
   const scalar_t inv_hw = scalar_t(1) / static_cast<scalar_t>(t.size(2) * t.size(3));
   for (size_t k = 0; k < group.pairs.size(); ++k) {
@@ -390,7 +479,7 @@ void scale_rows(scalar_t* block, const scalar_t* scaled_grad_b, const TargetGrou
     for (int64_t c = 0; c < cs; ++c) {
       const int64_t r = group.row_offset[k] + c, column = plan.column_offset[i] + c;
       const scalar_t factor = scaled_grad_b[column];
-      scalar_t* row = block + r * len;
+      scalar_t* row = block + r * stride;
       scalar_t sum = 0;
       if (errors_b) {
         scalar_t squares = 0;
@@ -414,11 +503,12 @@ void scale_rows(scalar_t* block, const scalar_t* scaled_grad_b, const TargetGrou
   }
 }
 
-// resize^T of a block's rows, added onto the pairs' source gradients of sample b.
+// resize^T of the rows of sample b's part of a block (rows `stride` apart), added onto the
+// pairs' source gradients of sample b.
 template <typename scalar_t>
 void spread_rows(std::vector<at::Tensor>& grad_source, const scalar_t* block, int64_t b,
                  const TargetGroup& group, at::IntArrayRef pair_source,
-                 Scratch<scalar_t>& scratch, int64_t p0, int64_t len) {
+                 Scratch<scalar_t>& scratch, int64_t p0, int64_t len, int64_t stride) {
   for (size_t k = 0; k < group.pairs.size(); ++k) {
     const int64_t i = group.pairs[k];
     at::Tensor& gs = grad_source[pair_source[i]];
@@ -426,7 +516,7 @@ void spread_rows(std::vector<at::Tensor>& grad_source, const scalar_t* block, in
     scalar_t* gs_b = gs.data_ptr<scalar_t>() + b * cs * plane;
     for (int64_t c = 0; c < cs; ++c) {
       scratch.resample[i].spread(gs_b + c * plane, p0, len,
-                                 block + (group.row_offset[k] + c) * len,
+                                 block + (group.row_offset[k] + c) * stride,
                                  scratch.between.data());
     }
   }
@@ -506,21 +596,25 @@ ErrorsAndGrads backward_sweep(const at::Tensor& grad_errors, at::TensorList sour
     const scalar_t* sg = scaled.data_ptr<scalar_t>();
     scalar_t* e = with_errors ? errors.data_ptr<scalar_t>() : nullptr;
     for_each_block<scalar_t, GroupSums>(
-        prep, pair_source, [&] { return make_group_sums(prep, want_w, want_b); },
-        [&](GroupSums& sums, int64_t b, size_t g, int64_t p0, int64_t len, at::Tensor& d,
-            Scratch<scalar_t>& scratch) {
+        prep, pair_source, /*side_by_side=*/true, [&] { return make_group_sums(prep, want_w, want_b); },
+        [&](GroupSums& sums, const Block& block, Scratch<scalar_t>& scratch) {
+          const size_t g = block.group;
           const auto& group = prep.plan.groups[g];
-          scalar_t* grad = d.data_ptr<scalar_t>();  // becomes G = scale * D in place
-          scale_rows(grad, sg + b * prep.plan.columns, group, prep.plan, prep, pair_source, len,
-                     want_b ? sums.bias[g].data_ptr<scalar_t>() : nullptr,
-                     e ? e + b * prep.plan.columns : nullptr);
-          if (want_s) spread_rows(grad_source, grad, b, group, pair_source, scratch, p0, len);
-          const at::Tensor t_tile = sample_matrix(prep.target[group.target], b).narrow(1, p0, len);
-          if (want_t) {
-            at::Tensor out = sample_matrix(grad_target[group.target], b).narrow(1, p0, len);
-            at::addmm_out(out, out, prep.weight_stack[g].t(), d, 0, -1);
+          const int64_t columns = prep.plan.columns;
+          scalar_t* grad = block.d.data_ptr<scalar_t>();  // becomes G = scale * D in place
+          for (int64_t sample = 0; sample < block.samples; ++sample) {
+            const int64_t b = block.first_sample + sample;
+            scalar_t* part = grad + sample * block.len;
+            scale_rows(part, sg + b * columns, group, prep.plan, prep, pair_source, block.len,
+                       block.width, want_b ? sums.bias[g].data_ptr<scalar_t>() : nullptr,
+                       e ? e + b * columns : nullptr);
+            if (want_s) {
+              spread_rows(grad_source, static_cast<const scalar_t*>(part), b, group, pair_source,
+                          scratch, block.p0, block.len, block.width);
+            }
           }
-          if (want_w) sums.weight[g].addmm_(d, t_tile.t(), 1, -1);
+          if (want_t) write_target_grad(grad_target[group.target], prep, block, block.d, scratch);
+          if (want_w) sums.weight[g].addmm_(block.d, block.t.t(), 1, -1);
         },
         [&](GroupSums& sums) { add_group_sums(total, sums); });
   });
@@ -602,15 +696,18 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
       GroupSums sums;
       at::Tensor tangent;  // U, [rows * tile]
     };
-    const int64_t block_size = largest_block(prep);
+    // One sample per block: the tangents of the target are not copied side by side.
+    const int64_t block_size = largest_block(prep, false);
     for_each_block<scalar_t, Worker>(
-        prep, pair_source,
+        prep, pair_source, /*side_by_side=*/false,
         [&] {
           return Worker{make_group_sums(prep, want_w, want_b),
                         at::empty({block_size}, prep.source[0].options())};
         },
-        [&](Worker& worker, int64_t b, size_t g, int64_t p0, int64_t len, at::Tensor& d,
-            Scratch<scalar_t>& scratch) {
+        [&](Worker& worker, const Block& block, Scratch<scalar_t>& scratch) {
+          const size_t g = block.group;
+          const int64_t b = block.first_sample, p0 = block.p0, len = block.len;
+          const at::Tensor& d = block.d;
           const auto& group = plan.groups[g];
           const int64_t n = group.target;
           at::Tensor u = worker.tangent.narrow(0, 0, group.rows * len).view({group.rows, len});
@@ -625,17 +722,16 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
             for (int64_t c = 0; c < cs; ++c) {
               const int64_t r = group.row_offset[k] + c;
               scalar_t* row = u_data + r * len;
-              const scalar_t offset = vb ? -vb[r] : scalar_t(0);
+              const scalar_t minus = vb ? vb[r] : scalar_t(0);
               if (vs) {
                 const scalar_t* channel = vs->data_ptr<scalar_t>() + (b * cs + c) * plane;
-                scratch.resample[i].sample(channel, p0, len, row, scratch.between.data());
-                for (int64_t j = 0; j < len; ++j) row[j] += offset;
+                scratch.resample[i].sample(channel, p0, len, minus, row, scratch.between.data());
               } else {
-                for (int64_t j = 0; j < len; ++j) row[j] = offset;
+                std::fill(row, row + len, -minus);
               }
             }
           }
-          const at::Tensor t_tile = sample_matrix(prep.target[n], b).narrow(1, p0, len);
+          const at::Tensor& t_tile = block.t;
           at::Tensor vt_tile;
           if (v_target[n]) {
             vt_tile = sample_matrix(*v_target[n], b).narrow(1, p0, len);
@@ -659,16 +755,15 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
             }
           }
           const scalar_t* sg_b = sg + b * plan.columns;
-          scale_rows(u_data, sg_b, group, plan, prep, pair_source, len,
+          scale_rows(u_data, sg_b, group, plan, prep, pair_source, len, len,
                      want_b ? worker.sums.bias[g].data_ptr<scalar_t>() : nullptr);
-          scale_rows(d_data, sg_b, group, plan, prep, pair_source, len,
+          scale_rows(d_data, sg_b, group, plan, prep, pair_source, len, len,
                      static_cast<scalar_t*>(nullptr));
-          if (want_s) spread_rows(grad_source, u_data, b, group, pair_source, scratch, p0, len);
-          if (want_t) {
-            at::Tensor out = sample_matrix(grad_target[n], b).narrow(1, p0, len);
-            at::addmm_out(out, out, prep.weight_stack[g].t(), u, 0, -1);
-            if (vw) out.addmm_(vw->t(), d, 1, -1);
+          if (want_s) {
+            spread_rows(grad_source, static_cast<const scalar_t*>(u_data), b, group, pair_source,
+                        scratch, p0, len, len);
           }
+          if (want_t) write_target_grad(grad_target[n], prep, block, u, scratch, vw, d);
           if (want_w) {
             worker.sums.weight[g].addmm_(u, t_tile.t(), 1, -1);
             if (vt_tile.defined()) worker.sums.weight[g].addmm_(d, vt_tile.t(), 1, -1);

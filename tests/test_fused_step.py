@@ -76,6 +76,37 @@ def shared_problem(dtype=torch.float64, seed=1):
                           generator=torch.Generator().manual_seed(seed))
 
 
+def test_small_maps_several_samples_to_a_block():
+    """Samples side by side in one block (4x4 and 3x5 maps, uneven chunks of a batch of 41,
+    a channels_last target): the ops against the spec, first and second order."""
+    problem = random_problem([(41, 5, 6, 4), (41, 3, 2, 2)], [(41, 4, 4, 4), (41, 6, 3, 5)],
+                             [(0, 0), (1, 0), (0, 1), (1, 1)],
+                             generator=torch.Generator().manual_seed(3))
+    problem["target_feats"][1] = (problem["target_feats"][1].detach()
+                                  .to(memory_format=torch.channels_last).requires_grad_())
+    inputs = inputs_of(problem)
+    spec = spec_loss(**as_spec_args(problem))
+    spec_grads = grads(spec, inputs, create_graph=True)
+    ours = loss_of(problem)
+    assert is_fused(ours)
+    torch.testing.assert_close(ours, spec, rtol=1e-9, atol=1e-11)
+    assert_grads_close(grads(ours, inputs), spec_grads)
+    # The forward op alone, against the errors written out from the spec (no channel or
+    # pair weights: one pair's loss is then the mean of its errors).
+    errors = torch.ops.l2t_fast.channel_errors(*op_args(problem))
+    unweighted = {k: v for k, v in problem.items()
+                  if k not in ("channel_weights", "pair_weights")}
+    per_pair = spec_loss(**as_spec_args(unweighted), beta=1.0, reduction="none")  # [pairs, B]
+    widths = [problem["source_feats"][m].shape[1] for m, _ in problem["pairs"]]
+    torch.testing.assert_close(torch.stack([e.mean(1) for e in errors.split(widths, 1)]),
+                               per_pair.detach(), rtol=1e-9, atol=1e-11)
+    ours_grads = grads(loss_of(problem), inputs, create_graph=True)
+    directions = [torch.randn_like(b) for b in spec_grads]
+    ours_inner = sum((a * v).sum() for a, v in zip(ours_grads, directions))
+    spec_inner = sum((b * v).sum() for b, v in zip(spec_grads, directions))
+    assert_grads_close(grads(ours_inner, inputs), grads(spec_inner, inputs))
+
+
 def test_unfused_where_it_cannot_help():
     problem = shared_problem()
     assert not is_fused(loss_of(problem, reduction="none"))
@@ -131,8 +162,9 @@ def test_opcheck():
 
 
 def test_bit_identical_across_thread_counts():
-    problem = random_problem([(37, 6, 5, 7)], [(37, 5, 10, 14), (37, 3, 24, 24)],
-                             [(0, 0), (0, 1)], dtype=torch.float32,
+    # 10x14 and 24x24 maps in tiles of one sample, 4x4 ones several samples to a block.
+    problem = random_problem([(37, 6, 5, 7)], [(37, 5, 10, 14), (37, 3, 24, 24), (37, 4, 4, 4)],
+                             [(0, 0), (0, 1), (0, 2)], dtype=torch.float32,
                              generator=torch.Generator().manual_seed(0))
     inputs = inputs_of(problem)
     previous = torch.get_num_threads()
