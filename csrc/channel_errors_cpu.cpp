@@ -424,22 +424,37 @@ at::Tensor channel_errors_cpu(at::TensorList source, at::TensorList target,
   return errors;
 }
 
-// Per-worker sums over samples of the stacked weight and bias gradients, per group.
+// Sums over samples of the stacked weight and bias gradients, per group: a chunk's, or the
+// total. A chunk's weight sums start unwritten (not zeroed: at 16 chunks that would be
+// megabytes of zeros per call); the first product of each group overwrites them.
 struct GroupSums {
   std::vector<at::Tensor> weight, bias;
+  std::vector<bool> weight_written;
+
+  // weight[g] -= a b, or = -a b for the group's first product.
+  void subtract_product(size_t g, const at::Tensor& a, const at::Tensor& b) {
+    weight[g].addmm_(a, b, weight_written[g] ? 1 : 0, -1);
+    weight_written[g] = true;
+  }
 };
 
-GroupSums make_group_sums(const Prepared& prep, bool weights, bool biases) {
+GroupSums make_group_sums(const Prepared& prep, bool weights, bool biases, bool total) {
   GroupSums sums;
   for (size_t g = 0; g < prep.plan.groups.size(); ++g) {
-    if (weights) sums.weight.push_back(at::zeros_like(prep.weight_stack[g]));
+    if (weights) {
+      sums.weight.push_back(total ? at::zeros_like(prep.weight_stack[g])
+                                  : at::empty_like(prep.weight_stack[g]));
+      sums.weight_written.push_back(total);
+    }
     if (biases) sums.bias.push_back(at::zeros_like(prep.bias_stack[g]));
   }
   return sums;
 }
 
 void add_group_sums(GroupSums& total, const GroupSums& part) {
-  for (size_t g = 0; g < part.weight.size(); ++g) total.weight[g].add_(part.weight[g]);
+  for (size_t g = 0; g < part.weight.size(); ++g) {
+    if (part.weight_written[g]) total.weight[g].add_(part.weight[g]);
+  }
   for (size_t g = 0; g < part.bias.size(); ++g) total.bias[g].add_(part.bias[g]);
 }
 
@@ -590,13 +605,13 @@ ErrorsAndGrads backward_sweep(const at::Tensor& grad_errors, at::TensorList sour
                                   : at::Tensor();
   std::vector<at::Tensor> grad_source = want_s ? zeros_like_all(prep.source) : std::vector<at::Tensor>{};
   std::vector<at::Tensor> grad_target = want_t ? target_grads(prep) : std::vector<at::Tensor>{};
-  GroupSums total = make_group_sums(prep, want_w, want_b);
+  GroupSums total = make_group_sums(prep, want_w, want_b, true);
   const at::Tensor scaled = scaled_grad(grad_errors, prep, pair_target);
   AT_DISPATCH_FLOATING_TYPES(grad_errors.scalar_type(), "channel_errors_backward_cpu", [&] {
     const scalar_t* sg = scaled.data_ptr<scalar_t>();
     scalar_t* e = with_errors ? errors.data_ptr<scalar_t>() : nullptr;
     for_each_block<scalar_t, GroupSums>(
-        prep, pair_source, /*side_by_side=*/true, [&] { return make_group_sums(prep, want_w, want_b); },
+        prep, pair_source, /*side_by_side=*/true, [&] { return make_group_sums(prep, want_w, want_b, false); },
         [&](GroupSums& sums, const Block& block, Scratch<scalar_t>& scratch) {
           const size_t g = block.group;
           const auto& group = prep.plan.groups[g];
@@ -614,7 +629,7 @@ ErrorsAndGrads backward_sweep(const at::Tensor& grad_errors, at::TensorList sour
             }
           }
           if (want_t) write_target_grad(grad_target[group.target], prep, block, block.d, scratch);
-          if (want_w) sums.weight[g].addmm_(block.d, block.t.t(), 1, -1);
+          if (want_w) sums.subtract_product(g, block.d, block.t.t());
         },
         [&](GroupSums& sums) { add_group_sums(total, sums); });
   });
@@ -684,7 +699,7 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
   at::Tensor grad_grad_errors = at::zeros({plan.batch, plan.columns}, grad_errors.options());
   std::vector<at::Tensor> grad_source = want_s ? zeros_like_all(prep.source) : std::vector<at::Tensor>{};
   std::vector<at::Tensor> grad_target = want_t ? target_grads(prep) : std::vector<at::Tensor>{};
-  GroupSums total = make_group_sums(prep, want_w, want_b);
+  GroupSums total = make_group_sums(prep, want_w, want_b, true);
   const at::Tensor scaled = scaled_grad(grad_errors, prep, pair_target);
   // (2 / HW) per column, to turn sum_hw U D into grad_grad_errors.
   const at::Tensor column_scale = scaled_grad(at::ones_like(grad_errors), prep, pair_target);
@@ -701,7 +716,7 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
     for_each_block<scalar_t, Worker>(
         prep, pair_source, /*side_by_side=*/false,
         [&] {
-          return Worker{make_group_sums(prep, want_w, want_b),
+          return Worker{make_group_sums(prep, want_w, want_b, false),
                         at::empty({block_size}, prep.source[0].options())};
         },
         [&](Worker& worker, const Block& block, Scratch<scalar_t>& scratch) {
@@ -765,8 +780,8 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
           }
           if (want_t) write_target_grad(grad_target[n], prep, block, u, scratch, vw, d);
           if (want_w) {
-            worker.sums.weight[g].addmm_(u, t_tile.t(), 1, -1);
-            if (vt_tile.defined()) worker.sums.weight[g].addmm_(d, vt_tile.t(), 1, -1);
+            worker.sums.subtract_product(g, u, t_tile.t());
+            if (vt_tile.defined()) worker.sums.subtract_product(g, d, vt_tile.t());
           }
         },
         [&](Worker& worker) { add_group_sums(total, worker.sums); });
