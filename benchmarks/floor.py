@@ -12,10 +12,11 @@ history (``history.py``).
     python benchmarks/floor.py --json floor.json
     python benchmarks/floor.py --against-ours 10   # ours / floor, in interleaved rounds
 
-``--against-ours ROUNDS`` measures, in each round, the matmul rate and then our fused step
-on the "cifar" config (median of 5), and prints the ratio of the two: a shared host's
-drift moves the floor and our step alike within a round, where separate runs of this
-script and of ``bench_loss.py`` compare different moments. It runs with glibc keeping
+``--against-ours ROUNDS`` measures, in each round, the matmul rate and then our fused step,
+the eager reference and torch.compile of it on the "cifar" config (median of 5 each), and
+prints ours over the floor and the references over ours: a shared host's drift moves them
+alike within a round, where separate runs of this script and of ``bench_loss.py`` compare
+different moments. It runs with glibc keeping
 freed memory (``l2t_fast.retain_freed_memory``), as ``l2t-fast`` runs, unless
 ``--default-malloc``.
 """
@@ -84,35 +85,57 @@ def copy_bandwidth(device):
     return 2 * src.numel() / seconds
 
 
+def _median_step(fn, inputs, steps=6):
+    """Median seconds of ``steps - 1`` forward + backward steps after one warm-up step."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        forward_backward(fn, inputs)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def against_ours(rounds, config="cifar"):
-    """Per round: our fused step's median time over the three-pass floor of that round."""
+    """Per round: the matmul rate, then our fused step, the eager reference and
+    torch.compile of it (median of 5 steps each); ours over the three-pass floor and the
+    references over ours, per round and as the median of the rounds."""
     inputs = make_inputs(config)
-    step = loss_function("cpu")
+    implementations = {name: loss_function(name)
+                       for name in ("cpu", "reference", "reference-compiled")}
+    forward_backward(implementations["reference-compiled"], inputs)  # compile outside rounds
     flops, _ = work(config, PASSES["three-pass"])
-    ratios = []
+    ratios = {"floor": [], "reference": [], "reference-compiled": []}
     for index in range(rounds):
         floor = flops / matmul_rate(torch.device("cpu"), CONFIGS[config][1])
-        times = []
-        for _ in range(6):
-            start = time.perf_counter()
-            forward_backward(step, inputs)
-            times.append(time.perf_counter() - start)
-        ours = statistics.median(times[1:])
-        ratios.append(ours / floor)
+        seconds = {name: _median_step(fn, inputs) for name, fn in implementations.items()}
+        ours = seconds["cpu"]
+        ratios["floor"].append(ours / floor)
+        for name in ("reference", "reference-compiled"):
+            ratios[name].append(seconds[name] / ours)
         print(f"round {index + 1}: ours {ours * 1e3:.1f} ms, three-pass floor "
-              f"{floor * 1e3:.1f} ms, {ratios[-1]:.2f}x the floor")
-    print(f"median of {rounds} rounds: {statistics.median(ratios):.2f}x the floor "
-          f"(range {min(ratios):.2f}-{max(ratios):.2f})")
-    history.append([dict(kernel=f"loss/{config}", implementation="cpu",
-                         mode="forward+backward", metric="ratio_to_three_pass_floor",
-                         value=f"{statistics.median(ratios):.6g}")])
+              f"{floor * 1e3:.1f} ms ({ratios['floor'][-1]:.2f}x the floor); reference "
+              f"{seconds['reference'] * 1e3:.1f} ms ({ratios['reference'][-1]:.2f}x ours), "
+              f"compiled {seconds['reference-compiled'] * 1e3:.1f} ms "
+              f"({ratios['reference-compiled'][-1]:.2f}x ours)")
+    for name, label in (("floor", "ours / three-pass floor"), ("reference", "reference / ours"),
+                        ("reference-compiled", "torch.compile(reference) / ours")):
+        values = ratios[name]
+        print(f"{label}, median of {rounds} rounds: {statistics.median(values):.2f}x "
+              f"(range {min(values):.2f}-{max(values):.2f})")
+    history.append([
+        dict(kernel=f"loss/{config}", implementation="cpu", mode="forward+backward",
+             metric="ratio_to_three_pass_floor", value=f"{statistics.median(ratios['floor']):.6g}"),
+        *[dict(kernel=f"loss/{config}", implementation=name, mode="forward+backward",
+               metric="time_ratio_to_ours_interleaved",
+               value=f"{statistics.median(ratios[name]):.6g}")
+          for name in ("reference", "reference-compiled")]])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--against-ours", type=int, metavar="ROUNDS",
-                        help="our fused step against the floor, in interleaved rounds")
+                        help="our fused step against the floor and the references, in interleaved rounds")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's malloc defaults (no retain_freed_memory)")
     args = parser.parse_args()
