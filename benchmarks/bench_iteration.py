@@ -15,11 +15,11 @@ Time: ``python benchmarks/bench_iteration.py --paired SETTING THREADS ROUNDS`` r
 in turn within each round, each twice in a row with the second call timed, so that a
 shared host's drift hits a round's two alike, and prints each round's speed-up;
 ``pytest benchmarks/bench_iteration.py --benchmark-only`` times each (setting, threads,
-implementation) and appends the numbers to the history. Peak memory: ``python
-benchmarks/bench_iteration.py --memory SETTING THREADS`` runs one iteration of each in a
-fresh process and reports the peak RSS growth above the RSS just before it, as
-``bench_meta_step.py`` does (VmHWM reset by /proc/self/clear_refs, glibc told to map and
-return large blocks at once).
+implementation). Peak memory: ``python benchmarks/bench_iteration.py --memory SETTING
+THREADS`` runs one iteration of each in a fresh process and reports the peak RSS growth
+above the RSS just before it, as ``bench_meta_step.py`` does (VmHWM reset by
+/proc/self/clear_refs, glibc told to map and return large blocks at once). All three
+append their numbers to the history (``history.py``).
 """
 import json
 import os
@@ -33,6 +33,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import history  # noqa: E402
 import paper_setting  # noqa: E402
 from bench_meta_step import MALLOC_ENV, _status_kib  # noqa: E402
 
@@ -71,6 +72,10 @@ def paper_style(engine, x, y):
 IMPLEMENTATIONS = {"l2tww": ours, "paper-style": paper_style}
 
 
+def _mode(threads):
+    return f"{threads} thread{'s' * (threads > 1)}"
+
+
 def peak_memory_mib(setting, threads, name):
     """Peak RSS growth of one iteration of ``name``, measured in a fresh process."""
     out = subprocess.run([sys.executable, __file__, "--one", setting, str(threads), name],
@@ -96,7 +101,7 @@ def _measure_one(setting, threads, name):
 def test_iteration(benchmark, name, setting, threads):
     torch.set_num_threads(threads)
     benchmark.extra_info.update(kernel=f"iteration-{setting}", implementation=name,
-                                mode=f"{threads} thread{'s' * (threads > 1)}",
+                                mode=_mode(threads),
                                 peak_rss_growth_mib=peak_memory_mib(setting, threads, name))
     rounds = 3 if setting == "paper" else 10
 
@@ -132,6 +137,22 @@ def _print_paired(setting, threads, rounds):
               f" ms, rounds {' '.join(f'{s * 1e3:.0f}' for s in seconds)}")
     print(f"ours faster by {statistics.median(ratios):.2f}x (median of rounds), "
           f"{ratios[0]:.2f}-{ratios[-1]:.2f}x (every round); load {os.getloadavg()[0]:.2f}")
+    kernel, mode = f"iteration-{setting}", f"{_mode(threads)}, paired rounds"
+    history.append([
+        *[dict(kernel=kernel, implementation=name, mode=mode, metric="median_ms",
+               value=f"{statistics.median(seconds) * 1e3:.6g}") for name, seconds in times.items()],
+        dict(kernel=kernel, implementation="paper-style", mode=mode,
+             metric="time_ratio_to_ours_paired", value=f"{statistics.median(ratios):.6g}")])
+
+
+def _print_memory(setting, threads):
+    peaks = {name: peak_memory_mib(setting, threads, name) for name in IMPLEMENTATIONS}
+    for name, peak in peaks.items():
+        print(f"{setting}, {threads} thread(s), {name}: peak RSS growth {peak:.1f} MiB")
+    print(f"ours uses {peaks['paper-style'] / peaks['l2tww']:.2f}x less")
+    history.append([dict(kernel=f"iteration-{setting}", implementation=name, mode=_mode(threads),
+                         metric="peak_rss_growth_mib", value=f"{peak:.6g}")
+                    for name, peak in peaks.items()])
 
 
 if __name__ == "__main__":
@@ -141,10 +162,6 @@ if __name__ == "__main__":
     elif command == ["--paired"]:
         _print_paired(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif command == ["--memory"]:
-        setting, threads = sys.argv[2], int(sys.argv[3])
-        peaks = {name: peak_memory_mib(setting, threads, name) for name in IMPLEMENTATIONS}
-        for name, peak in peaks.items():
-            print(f"{setting}, {threads} thread(s), {name}: peak RSS growth {peak:.1f} MiB")
-        print(f"ours uses {peaks['paper-style'] / peaks['l2tww']:.2f}x less")
+        _print_memory(sys.argv[2], int(sys.argv[3]))
     else:
         sys.exit(__doc__)

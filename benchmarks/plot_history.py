@@ -1,7 +1,8 @@
 """Plots the benchmark history (``history.csv``, see ``history.py``) over time.
 
-One panel per (kernel, metric), one line per (implementation, host): the value of each run
-against its date. Needs matplotlib (``pip install matplotlib``).
+One panel per (kernel, metric), one line per (implementation, mode, host): the value of
+each run against its date (a mode, e.g. the thread count or the allocator, is another
+measurement, not another point of the same one). Needs matplotlib (``pip install matplotlib``).
 
     python benchmarks/plot_history.py                       # writes benchmarks/history.png
     python benchmarks/plot_history.py --kernel loss/cifar --metric median_ms -o cifar.png
@@ -17,14 +18,15 @@ import history  # noqa: E402
 
 
 def series(rows, kernel=None, metric=None):
-    """``{(kernel, metric): {(implementation, host): [(date, value)]}}``, dates sorted."""
+    """``{(kernel, metric): {(implementation, mode, host): [(date, value)]}}``, dates
+    sorted."""
     panels = defaultdict(lambda: defaultdict(list))
     for row in rows:
         if (kernel and row["kernel"] != kernel) or (metric and row["metric"] != metric):
             continue
         date = datetime.strptime(row["date"], "%Y-%m-%dT%H:%M:%SZ")
-        panels[row["kernel"], row["metric"]][row["implementation"], row["host"]].append(
-            (date, row["value"]))
+        line = row["implementation"], row["mode"], row["host"]
+        panels[row["kernel"], row["metric"]][line].append((date, row["value"]))
     for lines in panels.values():
         for points in lines.values():
             points.sort()
@@ -39,13 +41,13 @@ def plot(panels, output):
     if not panels:
         raise SystemExit("no rows to plot (check --kernel and --metric)")
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False)
-    hosts = sorted({host for lines in panels.values() for _, host in lines})
+    hosts = sorted({host for lines in panels.values() for _, _, host in lines})
     markers = dict(zip(hosts, "os^vDx+*"))
     for ax, ((kernel, metric), lines) in zip(axes[:, 0], sorted(panels.items())):
-        for (implementation, host), points in sorted(lines.items()):
+        for (implementation, mode, host), points in sorted(lines.items()):
             dates, values = zip(*points)
-            ax.plot(dates, values, marker=markers.get(host, "."),
-                    label=f"{implementation} ({host})" if len(hosts) > 1 else implementation)
+            label = f"{implementation} [{mode}]" + (f" ({host})" if len(hosts) > 1 else "")
+            ax.plot(dates, values, marker=markers.get(host, "."), label=label)
         # matplotlib widens a date range of one instant to years: pad it ourselves
         dates = [date for points in lines.values() for date, _ in points]
         pad = max((max(dates) - min(dates)) * 0.05, timedelta(minutes=30))

@@ -29,6 +29,16 @@ def test_rows_have_the_expected_columns_and_one_header(tmp_path):
     assert list(panels) == [("loss/cifar", "median_ms")]
 
 
+def test_each_mode_is_its_own_line(tmp_path):
+    path = tmp_path / "history.csv"
+    history.append([dict(kernel="iteration-paper", implementation="l2tww", mode=mode,
+                         metric="median_ms", value=value)
+                    for mode, value in (("1 thread", "8400"), ("2 threads", "4400"))], path)
+    lines = plot_history.series(history.read(path))["iteration-paper", "median_ms"]
+    assert sorted((mode, [v for _, v in points]) for (_, mode, _), points in lines.items()) == [
+        ("1 thread", [8400.0]), ("2 threads", [4400.0])]
+
+
 def test_a_row_without_its_value_is_refused(tmp_path):
     with pytest.raises(ValueError, match="value"):
         history.append([dict(kernel="k", implementation="i", mode="", metric="m")],
