@@ -239,8 +239,8 @@ struct Block {
 };
 
 // Visits every block with D computed in `block.d`. `visit(state, block, scratch)` gets the
-// private accumulators `State` of the block's chunk; `finish(state)` merges them, chunk by
-// chunk in order, after all blocks are visited. `side_by_side`: several samples per block
+// private accumulators `State` of the block's chunk; `finish(states)` merges them (the
+// chunks' states, in chunk order) after all blocks are visited. `side_by_side`: several samples per block
 // where maps are small (see samples_per_block).
 template <typename scalar_t, typename State, typename MakeState, typename Visit,
           typename Finish>
@@ -355,7 +355,7 @@ void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, bool side
       }
     }
   });
-  for (State& state : states) finish(state);
+  finish(states);
 }
 
 // The target gradient of a block, -W^T G with G the block's gradient of D (`grad`, [rows,
@@ -419,7 +419,7 @@ at::Tensor channel_errors_cpu(at::TensorList source, at::TensorList target,
             }
           }
         },
-        [](NoState&) {});
+        [](const std::vector<NoState>&) {});
   });
   return errors;
 }
@@ -451,11 +451,38 @@ GroupSums make_group_sums(const Prepared& prep, bool weights, bool biases, bool 
   return sums;
 }
 
-void add_group_sums(GroupSums& total, const GroupSums& part) {
-  for (size_t g = 0; g < part.weight.size(); ++g) {
-    if (part.weight_written[g]) total.weight[g].add_(part.weight[g]);
+// Adds the chunks' sums onto `total`: each element chunk after chunk, in chunk order, so
+// the bits depend neither on the thread count nor on how the elements are split among the
+// threads. Done one tensor after another by the calling thread, this merge was 0.6-0.8 ms
+// of serial work per call on the "cifar" config (16 chunks).
+template <typename scalar_t>
+void add_chunk_sums(GroupSums& total, const std::vector<const GroupSums*>& chunks) {
+  auto add_all = [&](at::Tensor& sum, const std::vector<const at::Tensor*>& parts) {
+    TORCH_INTERNAL_ASSERT(sum.is_contiguous());
+    std::vector<const scalar_t*> data;
+    for (const at::Tensor* part : parts) {
+      TORCH_INTERNAL_ASSERT(part->is_contiguous() && part->numel() == sum.numel());
+      data.push_back(part->data_ptr<scalar_t>());
+    }
+    scalar_t* out = sum.data_ptr<scalar_t>();
+    at::parallel_for(0, sum.numel(), 4096, [&](int64_t begin, int64_t end) {
+      for (const scalar_t* part : data) {
+        for (int64_t j = begin; j < end; ++j) out[j] += part[j];
+      }
+    });
+  };
+  for (size_t g = 0; g < total.weight.size(); ++g) {
+    std::vector<const at::Tensor*> parts;
+    for (const GroupSums* chunk : chunks) {
+      if (chunk->weight_written[g]) parts.push_back(&chunk->weight[g]);
+    }
+    add_all(total.weight[g], parts);
   }
-  for (size_t g = 0; g < part.bias.size(); ++g) total.bias[g].add_(part.bias[g]);
+  for (size_t g = 0; g < total.bias.size(); ++g) {
+    std::vector<const at::Tensor*> parts;
+    for (const GroupSums* chunk : chunks) parts.push_back(&chunk->bias[g]);
+    add_all(total.bias[g], parts);
+  }
 }
 
 std::vector<at::Tensor> split_group_sums(const std::vector<at::Tensor>& sums,
@@ -631,7 +658,11 @@ ErrorsAndGrads backward_sweep(const at::Tensor& grad_errors, at::TensorList sour
           if (want_t) write_target_grad(grad_target[group.target], prep, block, block.d, scratch);
           if (want_w) sums.subtract_product(g, block.d, block.t.t());
         },
-        [&](GroupSums& sums) { add_group_sums(total, sums); });
+        [&](const std::vector<GroupSums>& chunks) {
+          std::vector<const GroupSums*> sums;
+          for (const GroupSums& chunk : chunks) sums.push_back(&chunk);
+          add_chunk_sums<scalar_t>(total, sums);
+        });
   });
   return {errors, in_input_layout(grad_source, source), in_input_layout(grad_target, target),
           want_w ? split_group_sums(total.weight, prep, weight) : std::vector<at::Tensor>{},
@@ -784,7 +815,11 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
             if (vt_tile.defined()) worker.sums.subtract_product(g, d, vt_tile.t());
           }
         },
-        [&](Worker& worker) { add_group_sums(total, worker.sums); });
+        [&](const std::vector<Worker>& chunks) {
+          std::vector<const GroupSums*> sums;
+          for (const Worker& chunk : chunks) sums.push_back(&chunk.sums);
+          add_chunk_sums<scalar_t>(total, sums);
+        });
   });
   return {grad_grad_errors, in_input_layout(grad_source, source),
           in_input_layout(grad_target, target), want_w ? split_group_sums(total.weight, prep, weight) : std::vector<at::Tensor>{},
