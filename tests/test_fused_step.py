@@ -162,9 +162,12 @@ def test_opcheck():
 
 
 def test_bit_identical_across_thread_counts():
-    # 10x14 and 24x24 maps in tiles of one sample, 4x4 ones several samples to a block.
-    problem = random_problem([(37, 6, 5, 7)], [(37, 5, 10, 14), (37, 3, 24, 24), (37, 4, 4, 4)],
-                             [(0, 0), (0, 1), (0, 2)], dtype=torch.float32,
+    # 10x14 and 24x24 maps in tiles of one sample, 4x4 ones several samples to a block; the
+    # last pair's regressor (70 x 64) is large enough for the chunks' sums to be merged by
+    # several threads.
+    problem = random_problem([(37, 6, 5, 7), (37, 70, 3, 3)],
+                             [(37, 5, 10, 14), (37, 3, 24, 24), (37, 4, 4, 4), (37, 64, 4, 4)],
+                             [(0, 0), (0, 1), (0, 2), (1, 3)], dtype=torch.float32,
                              generator=torch.Generator().manual_seed(0))
     inputs = inputs_of(problem)
     previous = torch.get_num_threads()
