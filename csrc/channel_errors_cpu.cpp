@@ -240,8 +240,8 @@ struct Block {
 
 // Visits every block with D computed in `block.d`. `visit(state, block, scratch)` gets the
 // private accumulators `State` of the block's chunk; `finish(states)` merges them (the
-// chunks' states, in chunk order) after all blocks are visited. `side_by_side`: several samples per block
-// where maps are small (see samples_per_block).
+// chunks' states, in chunk order) after all blocks are visited. `side_by_side`: several
+// samples per block where maps are small (see samples_per_block).
 template <typename scalar_t, typename State, typename MakeState, typename Visit,
           typename Finish>
 void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, bool side_by_side,
