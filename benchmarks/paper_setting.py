@@ -24,7 +24,7 @@ SGD lr 0.1, momentum 0.9, weight decay 1e-4 on target and regressors; Adam lr 1e
 weight decay 1e-4 on the meta-networks; beta 0.5; Where activation relu6, bias 1; T = 2.
 Batch 64 of 32x32 images, CIFAR-100's 100 classes.
 
-``paper_style_iteration`` is one iteration of the paper's ``train_l2t_ww.py`` loop with its
+``PaperStyle.iteration`` is one iteration of the paper's ``train_l2t_ww.py`` loop with its
 ``MetaSGD`` optimiser, re-expressed on an ``L2TWW`` engine's modules (same parameters, same
 optimisers): the real step on CE + matching; ``T`` matching steps and one CE step taken
 in place by the SGD optimiser, each after a ``copy.deepcopy`` snapshot of the target's,
@@ -138,6 +138,16 @@ class PaperStyle:
         self.theta = [p for group in engine.optimizer.param_groups for p in group["params"]]
         self.meta_params = [p for _, p in engine._meta_named]
         self.snapshots = []
+        self._grads_as_in_torch_1_0()  # in its steady state, not allocated by an iteration
+
+    def _grads_as_in_torch_1_0(self):
+        """A .grad on every parameter, as the paper's torch-1.0 code has after its first
+        backward (its zero_grad zeroes, never drops): SGD then moves the parameters that a
+        matching step does not reach (the head) by momentum and weight decay, where a None
+        .grad (which ``L2TWW.step`` leaves) would make it skip them."""
+        for p in self.theta:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     # the paper's inner_objective / outer_objective, on the engine's modules
     def _source_features(self, x):
@@ -218,6 +228,7 @@ class PaperStyle:
         then the replay: the meta-networks' ``.grad`` hold the hypergradient."""
         engine = self.engine
         optimizer = engine.optimizer
+        self._grads_as_in_torch_1_0()
         for _ in range(engine.inner_steps):
             optimizer.zero_grad(set_to_none=False)
             self._recorded_step(self.inner_objective, x, y, True)
@@ -253,11 +264,3 @@ class PaperStyle:
         result = {name: p.grad.clone() for name, p in engine._meta_named}
         engine.meta_optimizer.zero_grad(set_to_none=True)
         return result
-
-
-def ours_iteration(engine, x, y):
-    engine.step(x, y)
-
-
-def paper_style_iteration(engine, x, y):
-    PaperStyle(engine).iteration(x, y)

@@ -113,7 +113,7 @@ def _step_direction(adjoint_param, adjoint_buffer, lr, momentum):
     return None if adjoint_param is None else -lr * adjoint_param
 
 
-def _step_adjoints(buffers, adjoint_theta, adjoint_buffers, directions, pulled, lr,
+def _step_adjoints(has_buffer, adjoint_theta, adjoint_buffers, directions, pulled, lr,
                    momentum, weight_decay):
     """Adjoints of a step's start (parameters, momentum buffers) from those of its end.
 
@@ -124,13 +124,20 @@ def _step_adjoints(buffers, adjoint_theta, adjoint_buffers, directions, pulled, 
     zero): theta gets a + weight_decay v + pulled, b gets momentum v (the adjoint of b'
     itself without momentum). Written out instead of differentiated through a graph of
     the step, which would keep two parameter-sized outputs and their intermediates alive.
+    The step is linear in b, so only which buffers exist (``has_buffer``) matters here,
+    not their values: the reverse sweep keeps no momentum buffer.
     """
     new_theta = [_add(_add(a, None if v is None or not weight_decay else weight_decay * v), h)
                  for a, v, h in zip(adjoint_theta, directions, pulled)]
-    if not momentum:
-        return new_theta, [None if b is None else c for b, c in zip(buffers, adjoint_buffers)]
-    return new_theta, [None if b is None or v is None else momentum * v
-                       for b, v in zip(buffers, directions)]
+    if not momentum:  # ``adjoint_buffers`` is read only here (None: not needed)
+        return new_theta, [c if b else None for b, c in zip(has_buffer, adjoint_buffers)]
+    return new_theta, [momentum * v if b and v is not None else None
+                       for b, v in zip(has_buffer, directions)]
+
+
+def _existing(buffers):
+    """Which momentum buffers exist: all that the reverse sweep needs of them."""
+    return [b is not None for b in buffers]
 
 
 def _leaves(tensors):
@@ -278,24 +285,29 @@ class L2TWW:
         The final parameters come from the step's gradient without a graph; the final
         CE's gradient a in them is taken and its graph freed before the step's own double
         backward pulls a back (``_step_adjoints``), so the two graphs are never alive
-        together."""
+        together. That double backward is the iteration's peak of memory, so by then the
+        final parameters and every momentum buffer are gone: ``buffers`` is emptied once
+        the final parameters are made (the caller keeps no other reference to them)."""
         lr, momentum, weight_decay = hyper
         theta = _leaves(theta)
         grads = torch.autograd.grad(self._lookahead_ce(theta, x, y), theta, create_graph=True,
                                     allow_unused=True)
         with torch.no_grad():
-            final, _ = _sgd_lookahead([t.detach() for t in theta], buffers,
-                                      [None if g is None else g.detach() for g in grads], *hyper)
+            final = _sgd_lookahead([t.detach() for t in theta], buffers,
+                                   [None if g is None else g.detach() for g in grads], *hyper)[0]
+        has_buffer = _existing(buffers)
+        buffers.clear()
         final = _leaves(final)
         outer = self._lookahead_ce(final, x, y)
         adjoint_final = _grad([outer], [torch.ones_like(outer)], final)
+        outer = outer.detach()  # its graph would keep the final parameters alive
         del final
         nothing = [None] * len(theta)
         directions = [_step_direction(a, None, lr, momentum) for a in adjoint_final]
         pulled = _grad(grads, directions, theta)
         adjoint_theta, adjoint_buffers = _step_adjoints(
-            buffers, adjoint_final, nothing, directions, pulled, *hyper)
-        return outer.detach(), adjoint_theta + adjoint_buffers
+            has_buffer, adjoint_final, nothing, directions, pulled, *hyper)
+        return outer, adjoint_theta + adjoint_buffers
 
     def _meta_gradients(self, x, y, source_feats):
         """CE after the T + 1 lookahead steps, and its gradient for each meta parameter.
@@ -324,25 +336,29 @@ class L2TWW:
                                                       leaf_channel_weights, leaf_pair_weights,
                                                       create_graph)
 
-        def pull_back(theta, buffers, adjoint_theta, adjoint_buffers, to_start=True):
+        def step_directions(adjoint_theta, adjoint_buffers):
+            lr, momentum, _ = hyper
+            return [_step_direction(a, b, lr, momentum)
+                    for a, b in zip(adjoint_theta, adjoint_buffers)]
+
+        def pull_back(theta, has_buffer, adjoint_theta, adjoint_buffers, directions,
+                      to_start=True):
             """Adjoints of the meta outputs and, ``to_start``, of the step's start
             (parameters, buffers) from those of its end: the step reaches both through its
-            gradient g as <g, v> (``_step_direction``); the graph of g dies on return."""
-            lr, momentum, _ = hyper
+            gradient g as <g, v>, v the ``directions`` (``_step_direction``); the graph of
+            g dies on return."""
             theta = _leaves(theta)
             grads = matching_gradients(theta, create_graph=True)
-            directions = [_step_direction(a, b, lr, momentum)
-                          for a, b in zip(adjoint_theta, adjoint_buffers)]
             pulled = _grad(grads, directions, meta_leaves + (theta if to_start else []))
             adjoint_meta = pulled[:len(meta_leaves)]
             if not to_start:
                 return adjoint_meta, None, None
-            return (adjoint_meta, *_step_adjoints(buffers, adjoint_theta, adjoint_buffers,
+            return (adjoint_meta, *_step_adjoints(has_buffer, adjoint_theta, adjoint_buffers,
                                                   directions, pulled[len(meta_leaves):],
                                                   *hyper))
 
-        def pull_back_to_meta(theta, adjoint_theta, adjoint_buffers):
-            """Adjoints of the meta outputs alone from those of the step's end.
+        def pull_back_to_meta(theta, directions):
+            """Adjoints of the meta outputs alone from the ``directions`` v of the step.
 
             The step reaches the meta outputs only through its gradient g, as
             <g, v> with v = b - lr a (the adjoint that the step hands to g); g is linear in
@@ -350,49 +366,55 @@ class L2TWW:
             differentiated in the meta outputs: one forward-mode pass through the target
             instead of a backward and a double backward.
             """
-            lr, momentum, _ = hyper
-            direction = [_step_direction(a, b, lr, momentum)
-                         for a, b in zip(adjoint_theta, adjoint_buffers)]
-            feats, feat_tangents = self._feature_tangents(theta[:count], direction[:count], x)
+            feats, feat_tangents = self._feature_tangents(theta[:count], directions[:count], x)
             directional = weighted_feature_matching_jvp(
                 source_feats, feats, self.pairs, theta[count:count + num_pairs],
                 theta[count + num_pairs:], leaf_channel_weights, leaf_pair_weights,
-                self.matching.beta, feat_tangents, direction[count:count + num_pairs],
-                direction[count + num_pairs:], backend=self.backend)
+                self.matching.beta, feat_tangents, directions[count:count + num_pairs],
+                directions[count + num_pairs:], backend=self.backend)
             return _grad([directional], [torch.ones_like(directional)], meta_leaves)
 
         theta = [p.detach() for p in self._theta]
         buffers = [self.optimizer.state[p].get("momentum_buffer") for p in self._theta]
         starts = []
         for _ in range(self.inner_steps):
-            starts.append((theta, buffers))
+            starts.append((theta, _existing(buffers)))
             grads = matching_gradients(_leaves(theta), create_graph=False)
             with torch.no_grad():
                 theta, buffers = _sgd_lookahead(theta, buffers, grads, *hyper)
 
-        del grads  # peak memory: the CE step below is the iteration's peak
-        outer, adjoints = self._ce_step_adjoints(theta[:count], buffers[:count], x, y, hyper)
-        del theta, buffers  # keep only what the reverse sweep reads
+        # Peak memory: the CE step below is the iteration's peak; it empties ce_buffers.
+        ce_theta, ce_buffers = theta[:count], buffers[:count]
+        del grads, theta, buffers
+        outer, adjoints = self._ce_step_adjoints(ce_theta, ce_buffers, x, y, hyper)
+        del ce_theta  # keep only what the reverse sweep reads
         padding = [None] * (len(self._theta) - count)
         adjoint_theta, adjoint_buffers = adjoints[:count] + padding, adjoints[count:] + padding
         del adjoints
 
+        # Each step below drops the adjoints that it no longer reads before its double
+        # backward: with momentum, b's adjoint only goes into the directions.
         adjoint_meta = [None] * len(meta_leaves)
         for _ in range(1, self.inner_steps):
-            theta, buffers = starts.pop()
-            grads, adjoint_theta, adjoint_buffers = pull_back(theta, buffers, adjoint_theta,
-                                                              adjoint_buffers)
+            theta, has_buffer = starts.pop()
+            directions = step_directions(adjoint_theta, adjoint_buffers)
+            if hyper[1]:
+                adjoint_buffers = None
+            grads, adjoint_theta, adjoint_buffers = pull_back(
+                theta, has_buffer, adjoint_theta, adjoint_buffers, directions)
             adjoint_meta = [_add(a, g) for a, g in zip(adjoint_meta, grads)]
+        directions = step_directions(adjoint_theta, adjoint_buffers)
+        del adjoint_theta, adjoint_buffers
         if self._forward_mode:
             try:
-                grads = pull_back_to_meta(starts[0][0], adjoint_theta, adjoint_buffers)
+                grads = pull_back_to_meta(starts[0][0], directions)
             except NotImplementedError as error:  # an op of the model has no forward-mode rule
                 warnings.warn(f"the target model does not support forward-mode AD ({error}); "
                               f"the meta step's first step uses a double backward instead, "
                               f"which is exact but slower", stacklevel=4)
                 self._forward_mode = False
         if not self._forward_mode:
-            grads, _, _ = pull_back(*starts[0], adjoint_theta, adjoint_buffers, to_start=False)
+            grads, _, _ = pull_back(*starts[0], None, None, directions, to_start=False)
         adjoint_meta = [_add(a, g) for a, g in zip(adjoint_meta, grads)]
 
         params = [p for _, p in self._meta_named]
@@ -421,6 +443,10 @@ class L2TWW:
         parameter, the first of these in that order. The check costs one fused reduction
         and the step's only host sync; the step has gone through by then, so the engine's
         state is not usable afterwards.
+
+        The real step's gradients are dropped (``.grad`` set to None) once the optimizer
+        has used them, and its features once the loss is taken: the meta step that follows
+        is the iteration's peak of memory, and they would be two more sets alive there.
         """
         grads = []
         with _train_mode(self.target_model):
@@ -432,8 +458,10 @@ class L2TWW:
             ce = F.cross_entropy(logits, y)
             matching = self.matching(source_feats, target_feats, channel_weights, pair_weights)
             loss = ce + matching
+            del logits, target_feats
             loss.backward()
             self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
             self.iteration += 1
             scalars = {"loss": loss, "ce": ce, "matching": matching}
             if self.iteration % self.meta_period == 0:
