@@ -29,6 +29,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -87,7 +88,9 @@ def _sgd_lookahead(params, buffers, grads, lr, momentum, weight_decay):
     parameter still moves by momentum and weight decay. A ``None`` buffer is a first step.
     Multi-tensor (``_foreach``) ops, as torch.optim uses: a step touches every parameter
     tensor, and one op per tensor would cost more in dispatch than in arithmetic. It runs
-    without autograd: the reverse sweep differentiates a step by ``_step_adjoints``.
+    without autograd: the reverse sweep differentiates a step by ``_step_adjoints``. The
+    moved buffers are summed in place, as torch.optim does (the same roundings): two
+    parameter-sized temporaries at a time, not three, where the CE step peaks.
     """
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     steps = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else grads
@@ -96,8 +99,8 @@ def _sgd_lookahead(params, buffers, grads, lr, momentum, weight_decay):
         steps = list(steps)
         old = [i for i, buf in enumerate(buffers) if buf is not None]
         if old:
-            moved = torch._foreach_add(torch._foreach_mul([buffers[i] for i in old], momentum),
-                                       [steps[i] for i in old])
+            moved = torch._foreach_mul([buffers[i] for i in old], momentum)
+            torch._foreach_add_(moved, [steps[i] for i in old])
             for i, buf in zip(old, moved):
                 steps[i] = buf
         new_buffers = steps
@@ -156,9 +159,10 @@ def _add(a, b):
 
 def _grad(outputs, adjoints, inputs, create_graph=False):
     """Vector-Jacobian product; a ``None`` adjoint, output or input stands for zero, and
-    inputs that the outputs do not reach get ``None``."""
-    live = [(o, a) for o, a in zip(outputs, adjoints)
-            if o is not None and a is not None and o.requires_grad]
+    inputs that the outputs do not reach get ``None``. Outputs may be tensors or their
+    ``_gradient_edges``."""
+    live = [(o, a) for o, a in zip(outputs, adjoints) if o is not None and a is not None
+            and (isinstance(o, GradientEdge) or o.requires_grad)]
     present = [i for i, t in enumerate(inputs) if t is not None]
     result = [None] * len(inputs)
     if not live or not present:
@@ -169,6 +173,13 @@ def _grad(outputs, adjoints, inputs, create_graph=False):
     for i, g in zip(present, grads):
         result[i] = g
     return result
+
+
+def _gradient_edges(grads):
+    """Where each step gradient g sits in its graph, for the double backward to start from
+    once the values of g are spent (by the SGD step) and freed: a parameter-sized set
+    less at the meta step's peak. None stays None, and so does a g without a graph."""
+    return [None if g is None or not g.requires_grad else get_gradient_edge(g) for g in grads]
 
 
 class L2TWW:
@@ -297,6 +308,7 @@ class L2TWW:
                                    [None if g is None else g.detach() for g in grads], *hyper)[0]
         has_buffer = _existing(buffers)
         buffers.clear()
+        grads = _gradient_edges(grads)
         final = _leaves(final)
         outer = self._lookahead_ce(final, x, y)
         adjoint_final = _grad([outer], [torch.ones_like(outer)], final)
@@ -348,7 +360,7 @@ class L2TWW:
             gradient g as <g, v>, v the ``directions`` (``_step_direction``); the graph of
             g dies on return."""
             theta = _leaves(theta)
-            grads = matching_gradients(theta, create_graph=True)
+            grads = _gradient_edges(matching_gradients(theta, create_graph=True))
             pulled = _grad(grads, directions, meta_leaves + (theta if to_start else []))
             adjoint_meta = pulled[:len(meta_leaves)]
             if not to_start:
