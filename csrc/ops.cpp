@@ -1,6 +1,8 @@
 // The l2t_fast op library: schemas of the four channel-error ops (see
 // l2t_fast/matching/backends/registration.py for their math) and of BatchNorm's double backward
-// (batch_norm_cpu.cpp, used by l2t_fast/methods/l2tww/batchnorm.py), of CKA's float64 Gram matrix
+// (batch_norm_cpu.cpp, used by l2t_fast/methods/l2tww/batchnorm.py), of 2x2 max pooling's
+// backward and its derivative from the input alone (max_pool_cpu.cpp, used by
+// l2t_fast/methods/l2tww/max_pool.py), of CKA's float64 Gram matrix
 // (gram_cpu.cpp, used by l2t_fast/analysis/cka.py), and the Python module l2t_fast._C,
 // whose import loads them. Kernels register per device: *_cpu.cpp, cuda/.
 #include <Python.h>
@@ -29,6 +31,8 @@ TORCH_LIBRARY(l2t_fast, m) {
       "Tensor invstd, Tensor grad_grad_input, Tensor grad_grad_weight, "
       "Tensor grad_grad_bias) -> (Tensor grad_input, Tensor grad_weight, "
       "Tensor grad_grad_out)");
+  m.def("max_pool2x2_backward(Tensor grad_output, Tensor input) -> Tensor");
+  m.def("max_pool2x2_gather(Tensor grad_grad_input, Tensor input) -> Tensor");
   m.def("gram(Tensor features) -> Tensor");
 }
 

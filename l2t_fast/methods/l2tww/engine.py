@@ -35,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from l2t_fast.methods.base import Diverged
 from l2t_fast.methods.l2tww.batchnorm import fused_batch_norm
+from l2t_fast.methods.l2tww.max_pool import lean_max_pool
 from l2t_fast.models.hooks import FeatureHooks, feature_channels
 from l2t_fast.matching.loss import (WeightedFeatureMatching, weighted_feature_matching_grads,
                            weighted_feature_matching_jvp)
@@ -253,11 +254,12 @@ class L2TWW:
 
     def _run_target(self, theta, x, stop_early=False):
         """Target forward with lookahead parameters ``theta``; BatchNorm gets buffer copies
-        and, where it can, the fused double backward (``l2t_fast.methods.l2tww.batchnorm``).
-        Attention runs as plain math: the fused kernels have no double backward or jvp."""
+        and, where it can, the fused double backward (``l2t_fast.methods.l2tww.batchnorm``),
+        max pooling keeps no indices (``l2t_fast.methods.l2tww.max_pool``). Attention runs
+        as plain math: the fused kernels have no double backward or jvp."""
         tensors = dict(zip(self._target_names, theta))
         tensors.update((n, b.clone()) for n, b in self.target_model.named_buffers())
-        with fused_batch_norm(), sdpa_kernel(SDPBackend.MATH):
+        with fused_batch_norm(), lean_max_pool(), sdpa_kernel(SDPBackend.MATH):
             return self._target_hooks.run(functional_call, self.target_model, tensors, (x,),
                                           stop_early=stop_early)
 
