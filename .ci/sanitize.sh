@@ -37,5 +37,6 @@ LD_PRELOAD="$libasan $libubsan" python -m pytest -q -p no:cacheprovider -k "not 
   tests/test_loss.py tests/test_loss_grads.py tests/test_loss_jvp.py tests/test_fuzz_inputs.py
 LD_PRELOAD="$libasan $libubsan" python -m pytest -q -p no:cacheprovider -k gram_kernel \
   tests/test_analysis.py
+LD_PRELOAD="$libasan $libubsan" python -m pytest -q -p no:cacheprovider tests/test_max_pool.py
 echo "sanitize: CPU kernel tests passed under ASan and UBSan at $((SECONDS - start))s"
 [ -n "${SANITIZE_DIR:-}" ] || rm -rf "$scratch"
