@@ -17,15 +17,13 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 from l2t_fast.matching.backends import compiled
+from l2t_fast.methods.l2tww.batchnorm import _has_tangent
 
 _MAX_POOL_SIGNATURE = inspect.signature(F._max_pool2d)
-
-
 _TWO_BY_TWO = ((2, 2), (2, 2), (0, 0), (1, 1), False)  # kernel, stride, padding, dilation, ceil
 
 
@@ -89,10 +87,6 @@ class _MaxPoolBackward(torch.autograd.Function):
     def backward(ctx, grad_grad_input):
         (input,) = ctx.saved_tensors
         return _gather(grad_grad_input, input, ctx.config), None, None
-
-
-def _has_tangent(tensor):
-    return forward_ad.unpack_dual(tensor).tangent is not None
 
 
 class lean_max_pool(TorchFunctionMode):
