@@ -8,14 +8,19 @@
 // and the reductions, and it is recomputed in the backward instead of being stored.
 // Where the gradient of the errors is known before the forward (a training step: the loss
 // is linear in E), channel_errors_with_grads makes E and the gradients from the same blocks.
-// Nothing of size [B, Cs, Ht, Wt] is ever allocated. Row sums are `omp simd` reductions
-// (the _Pragma form, as they sit inside the dispatch macro): without that, the compiler
-// keeps the sequential order of the additions and does not vectorise them.
+// Nothing of size [B, Cs, Ht, Wt] is ever allocated. The loops over a row of a block are
+// the row loops below, each vectorised for the CPU it runs on.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define L2T_FAST_WINDOWED_RESIZE 1
+#endif
 
 #include "channel_errors.h"
 
@@ -23,6 +28,148 @@ namespace l2t_fast {
 namespace {
 
 constexpr int64_t kTile = 256;  // HW positions per block: [rows, 256] floats stay in L2
+
+// Row loops, on rows of a block in cache. Each is compiled for x86-64-v4 (AVX-512), v3
+// (AVX2) and the build's baseline (SSE2), and the loader picks the clone for the CPU
+// (function multiversioning). The build passes -ffp-contract=off, so no clone fuses a multiply and an add that the
+// baseline rounds twice; the clones differ only in the order of a row's sums, and the
+// results still do not depend on the thread count. The sums are `omp simd` reductions:
+// without that, the compiler keeps the sequential order of the additions and does not
+// vectorise them.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define L2T_ROW_LOOP __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define L2T_ROW_LOOP
+#endif
+
+// out[j] = in[j] - minus.
+template <typename scalar_t>
+L2T_ROW_LOOP void subtract(const scalar_t* in, scalar_t minus, scalar_t* out, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = in[j] - minus;
+}
+
+// Row r < rows of out (rows n apart) blends two rows of in (rows n apart):
+// out[r][j] = lo_weight[r] * in[lo[r]][j] + hi_weight[r] * in[hi[r]][j] - minus. One call for
+// all the rows of a block: a call per row of 32 cost more than its work.
+template <typename scalar_t>
+L2T_ROW_LOOP void blend_rows(const scalar_t* in, const int64_t* lo, const scalar_t* lo_weight,
+                             const int64_t* hi, const scalar_t* hi_weight, int64_t rows,
+                             scalar_t minus, scalar_t* out, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r, out += n) {
+    const scalar_t* a = in + lo[r] * n;
+    const scalar_t* b = in + hi[r] * n;
+    const scalar_t a_weight = lo_weight[r], b_weight = hi_weight[r];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = a_weight * a[j] + b_weight * b[j] - minus;
+  }
+}
+
+// out[j] = lo_weight[j] * in[lo[j]] + hi_weight[j] * in[hi[j]] - minus.
+template <typename scalar_t>
+L2T_ROW_LOOP void gather_blend(const scalar_t* in, const int64_t* lo, const scalar_t* lo_weight,
+                               const int64_t* hi, const scalar_t* hi_weight, scalar_t minus,
+                               scalar_t* out, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = lo_weight[j] * in[lo[j]] + hi_weight[j] * in[hi[j]] - minus;
+}
+
+template <typename scalar_t>
+L2T_ROW_LOOP scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
+// row[j] *= factor; returns the sum of the scaled row.
+template <typename scalar_t>
+L2T_ROW_LOOP scalar_t scale_and_sum(scalar_t* row, scalar_t factor, int64_t n) {
+  scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] *= factor;
+    sum += row[j];
+  }
+  return sum;
+}
+
+// As scale_and_sum, and sets `squares` to the row's sum of squares, taken before the scaling.
+template <typename scalar_t>
+L2T_ROW_LOOP scalar_t scale_and_sum_squares(scalar_t* row, scalar_t factor, int64_t n,
+                                            scalar_t& squares) {
+  scalar_t sum = 0, square_sum = 0;
+#pragma omp simd reduction(+ : sum, square_sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t value = row[j];
+    square_sum += value * value;
+    row[j] = value * factor;
+    sum += row[j];
+  }
+  squares = square_sum;
+  return sum;
+}
+
+// out[j] += in[j].
+template <typename scalar_t>
+L2T_ROW_LOOP void add_to(scalar_t* out, const scalar_t* in, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] += in[j];
+}
+
+// gather_blend of a resize along rows (`rows` of them, `size` inputs and `n` outputs apart),
+// for float32 on AVX-512, without gathers: gathers run no faster than scalar loads here
+// (0.75 ns an element either way; leaving the resize out took 1.2 ms off the 35.5 ms of the
+// "cifar" step), but the inputs of 16
+// consecutive outputs of a resize by a factor >= 1/2 lie within 32 consecutive inputs, which
+// two loads bring into registers and a two-register permute distributes (`vpermt2ps`).
+// Run r of 16 outputs reads in[start[r] .. start[r] + 32), its lanes at lo[j] - start[r] and
+// hi[j] - start[r] (`lo_offset`, `hi_offset`), or, where start[r] is -1 (a stronger
+// downsampling), by scalar loads at lo[j] and hi[j] (the offsets are then the indices
+// themselves). Loads past in[size - 1] are masked off. The same multiplications, addition
+// and subtraction as gather_blend, so the same bits. A run's offsets and weights stay in
+// registers over all the rows: one call per row cost about as much as the work of a
+// 32-wide row.
+constexpr int64_t kWindowLanes = 16;
+#ifdef L2T_FAST_WINDOWED_RESIZE
+__attribute__((target("avx512f"))) void windowed_blend(
+    const float* in, int64_t size, int64_t rows, const int64_t* start,
+    const int32_t* lo_offset, const float* lo_weight, const int32_t* hi_offset,
+    const float* hi_weight, float minus, float* out, int64_t n) {
+  const __m512 minus_v = _mm512_set1_ps(minus);
+  auto lanes = [](int64_t count) {
+    return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
+  };
+  for (int64_t j = 0, run = 0; j < n; j += kWindowLanes, ++run) {
+    if (start[run] < 0) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = in + r * size;
+        for (int64_t k = j; k < std::min(n, j + kWindowLanes); ++k) {
+          out[r * n + k] = lo_weight[k] * row[lo_offset[k]] + hi_weight[k] * row[hi_offset[k]] - minus;
+        }
+      }
+      continue;
+    }
+    const __mmask16 written = lanes(n - j);
+    const __mmask16 first_loaded = lanes(size - start[run]);
+    const __mmask16 second_loaded = lanes(size - start[run] - 16);
+    const __m512i lo_lanes = _mm512_maskz_loadu_epi32(written, lo_offset + j);
+    const __m512i hi_lanes = _mm512_maskz_loadu_epi32(written, hi_offset + j);
+    const __m512 lo_w = _mm512_maskz_loadu_ps(written, lo_weight + j);
+    const __m512 hi_w = _mm512_maskz_loadu_ps(written, hi_weight + j);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* window = in + r * size + start[run];
+      const __m512 first = _mm512_maskz_loadu_ps(first_loaded, window);
+      const __m512 second = _mm512_maskz_loadu_ps(second_loaded, window + 16);
+      const __m512 lo = _mm512_permutex2var_ps(first, lo_lanes, second);
+      const __m512 hi = _mm512_permutex2var_ps(first, hi_lanes, second);
+      const __m512 blended = _mm512_sub_ps(
+          _mm512_add_ps(_mm512_mul_ps(lo_w, lo), _mm512_mul_ps(hi_w, hi)), minus_v);
+      _mm512_mask_storeu_ps(out + r * n + j, written, blended);
+    }
+  }
+}
+#endif
 
 // A [C, H*W] view of one sample of a feature map, when H and W can be merged.
 at::Tensor sample_matrix(const at::Tensor& map, int64_t b) {
@@ -48,6 +195,10 @@ struct Resampler {
   int64_t source_height = 0, source_width = 0, target_width = 0;
   std::vector<int64_t> row_lo, row_hi, col_lo, col_hi;
   std::vector<scalar_t> row_lo_weight, row_hi_weight, col_lo_weight, col_hi_weight;
+  // The column resize's runs for windowed_blend, where it is used (float32 on AVX-512).
+  bool windowed = false;
+  std::vector<int64_t> window_start;
+  std::vector<int32_t> col_lo_offset, col_hi_offset;
 
   Resampler(const AxisResize& rows, const AxisResize& cols, int64_t source_height_,
             int64_t source_width_)
@@ -58,6 +209,27 @@ struct Resampler {
     row_lo = rows.lo, row_hi = rows.hi, col_lo = cols.lo, col_hi = cols.hi;
     split_weights(rows.weight, row_lo_weight, row_hi_weight);
     split_weights(cols.weight, col_lo_weight, col_hi_weight);
+#ifdef L2T_FAST_WINDOWED_RESIZE
+    static const bool avx512 = __builtin_cpu_supports("avx512f");
+    if (std::is_same_v<scalar_t, float> && avx512 && !identity) plan_windows();
+#endif
+  }
+
+  // windowed_blend's runs: the first input each run of outputs reads, or -1 where its
+  // inputs span more than two registers.
+  void plan_windows() {
+    windowed = true;
+    for (int64_t j = 0; j < target_width; j += kWindowLanes) {
+      const int64_t end = std::min(target_width, j + kWindowLanes);
+      const int64_t first = *std::min_element(col_lo.begin() + j, col_lo.begin() + end);
+      const int64_t last = *std::max_element(col_hi.begin() + j, col_hi.begin() + end);
+      const int64_t start = last - first < 2 * kWindowLanes ? first : -1;
+      window_start.push_back(start);
+      for (int64_t k = j; k < end; ++k) {
+        col_lo_offset.push_back(static_cast<int32_t>(col_lo[k] - std::max<int64_t>(start, 0)));
+        col_hi_offset.push_back(static_cast<int32_t>(col_hi[k] - std::max<int64_t>(start, 0)));
+      }
+    }
   }
 
   // As F.interpolate: the hi weight in scalar_t, the lo weight 1 minus it.
@@ -69,25 +241,17 @@ struct Resampler {
     }
   }
 
-  // out[j] = S~[p0 + j] - minus for j < len; `between` holds source_width scratch values.
-  // The kernels subtract the bias here, while the row is being written.
+  // out[j] = S~[p0 + j] - minus for j < len (whole target rows); `between` has room for
+  // source_width values per target row of the block. The kernels subtract the bias here,
+  // while the row is being written. The rows are blended first, then resized in one call.
   void sample(const scalar_t* channel, int64_t p0, int64_t len, scalar_t minus, scalar_t* out,
               scalar_t* between) const {
-    if (identity) {
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < len; ++j) out[j] = channel[p0 + j] - minus;
-      return;
-    }
-    for (int64_t h = p0 / target_width; h * target_width < p0 + len; ++h, out += target_width) {
-      const scalar_t* top = channel + row_lo[h] * source_width;
-      const scalar_t* bottom = channel + row_hi[h] * source_width;
-      const scalar_t wt = row_lo_weight[h], wb = row_hi_weight[h];
-      for (int64_t x = 0; x < source_width; ++x) between[x] = wt * top[x] + wb * bottom[x];
-      for (int64_t w = 0; w < target_width; ++w) {
-        out[w] = col_lo_weight[w] * between[col_lo[w]] + col_hi_weight[w] * between[col_hi[w]] -
-                 minus;
-      }
-    }
+    if (identity) return subtract(channel + p0, minus, out, len);
+    const int64_t first = p0 / target_width, rows = len / target_width;
+    blend_rows(channel, row_lo.data() + first, row_lo_weight.data() + first,
+               row_hi.data() + first, row_hi_weight.data() + first, rows, scalar_t(0), between,
+               source_width);
+    resize_rows(between, rows, minus, out);
   }
 
   // Upsampling rows (fewer source rows than target rows), `sample` blends the same source
@@ -98,34 +262,43 @@ struct Resampler {
     return !identity && source_height < static_cast<int64_t>(row_lo.size());
   }
 
-  // out[h * target_width + w] = the channel's source row h resized along the columns.
-  void resize_columns(const scalar_t* channel, scalar_t* out) const {
-    for (int64_t h = 0; h < source_height; ++h, channel += source_width, out += target_width) {
-      for (int64_t w = 0; w < target_width; ++w) {
-        out[w] = col_lo_weight[w] * channel[col_lo[w]] + col_hi_weight[w] * channel[col_hi[w]];
+  // out[r * target_width + w] = source row r (of `rows`, source_width apart) resized along
+  // the columns, minus `minus`.
+  void resize_rows(const scalar_t* in, int64_t rows, scalar_t minus, scalar_t* out) const {
+#ifdef L2T_FAST_WINDOWED_RESIZE
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (windowed) {
+        return windowed_blend(in, source_width, rows, window_start.data(), col_lo_offset.data(),
+                              col_lo_weight.data(), col_hi_offset.data(), col_hi_weight.data(),
+                              minus, out, target_width);
       }
     }
+#endif
+    for (int64_t r = 0; r < rows; ++r, in += source_width, out += target_width) {
+      gather_blend(in, col_lo.data(), col_lo_weight.data(), col_hi.data(), col_hi_weight.data(),
+                   minus, out, target_width);
+    }
+  }
+
+  // out[(c * source_height + h) * target_width + w] = source row h of channel c (of
+  // `channels` consecutive ones) resized along the columns.
+  void resize_columns(const scalar_t* channels_in, int64_t channels, scalar_t* out) const {
+    resize_rows(channels_in, channels * source_height, scalar_t(0), out);
   }
 
   // As `sample`, from the channel's `resize_columns` output.
   void sample_rows(const scalar_t* columns, int64_t p0, int64_t len, scalar_t minus,
                    scalar_t* out) const {
-    for (int64_t h = p0 / target_width; h * target_width < p0 + len; ++h, out += target_width) {
-      const scalar_t* top = columns + row_lo[h] * target_width;
-      const scalar_t* bottom = columns + row_hi[h] * target_width;
-      const scalar_t wt = row_lo_weight[h], wb = row_hi_weight[h];
-      _Pragma("omp simd")
-      for (int64_t w = 0; w < target_width; ++w) out[w] = wt * top[w] + wb * bottom[w] - minus;
-    }
+    const int64_t first = p0 / target_width;
+    blend_rows(columns, row_lo.data() + first, row_lo_weight.data() + first,
+               row_hi.data() + first, row_hi_weight.data() + first, len / target_width, minus,
+               out, target_width);
   }
 
   // The transpose of `sample`: adds resize^T(grad[0:len]) onto the source channel.
   void spread(scalar_t* channel, int64_t p0, int64_t len, const scalar_t* grad,
               scalar_t* between) const {
-    if (identity) {
-      for (int64_t j = 0; j < len; ++j) channel[p0 + j] += grad[j];
-      return;
-    }
+    if (identity) return add_to(channel + p0, grad, len);
     for (int64_t h = p0 / target_width; h * target_width < p0 + len; ++h, grad += target_width) {
       std::fill(between, between + source_width, scalar_t(0));
       for (int64_t w = 0; w < target_width; ++w) {
@@ -143,7 +316,7 @@ struct Resampler {
   }
 };
 
-// Per-worker scratch: the resamplers of every pair, a source row's worth of scratch, the
+// Per-worker scratch: the resamplers of every pair, blended source rows for `sample`, the
 // column-resized source channels of the block's samples for the pairs that use them, and
 // room for the target (and its gradient) of a block of several samples, side by side.
 template <typename scalar_t>
@@ -186,10 +359,16 @@ int64_t tile_length(int64_t height, int64_t width) {
 
 // Samples per block of a group: `side_by_side`, maps smaller than a tile go several samples
 // to a block, so that the products are not thin (a 4x4 map alone gives a GEMM 16 columns
-// wide). The chunks of kSampleChunks below cap it further.
+// wide), but no more than make kTargetBlock elements of the target: its copy and its
+// gradient's then stay in L2 beside D and W (16 samples of a [512, 4, 4] map made 512 KB
+// each, and that group ran at 1.7x its floor; 4 samples, 1.45x). The chunks of
+// kSampleChunks below cap it further.
+constexpr int64_t kTargetBlock = 32768;
 int64_t samples_per_block(const Prepared& prep, const TargetGroup& group, bool side_by_side) {
+  if (!side_by_side) return 1;
   const at::Tensor& t = prep.target[group.target];
-  return side_by_side ? std::max<int64_t>(1, kTile / (t.size(2) * t.size(3))) : 1;
+  const int64_t hw = t.size(2) * t.size(3);
+  return std::max<int64_t>(1, std::min(kTile / hw, kTargetBlock / (t.size(1) * hw)));
 }
 
 // The largest block of any group, in elements of D (`rows`) or of the target (`channels`).
@@ -255,8 +434,14 @@ void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, bool side
   }
   // Samples are taken in sets of the largest block, each set group by group.
   const int64_t set_size = *std::max_element(per_block.begin(), per_block.end());
-  int64_t widest_source = 0;
-  for (const auto& s : prep.source) widest_source = std::max(widest_source, s.size(3));
+  int64_t between_size = 0;  // Resampler::sample's: a source row per target row of a block
+  for (const auto& group : plan.groups) {
+    const at::Tensor& t = prep.target[group.target];
+    const int64_t tile_rows = tile_length(t.size(2), t.size(3)) / t.size(3);
+    for (const int64_t i : group.pairs) {
+      between_size = std::max(between_size, tile_rows * prep.source[pair_source[i]].size(3));
+    }
+  }
   const int64_t chunks = std::min(plan.batch, kSampleChunks);
   std::vector<State> states;
   states.reserve(chunks);
@@ -266,7 +451,7 @@ void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, bool side
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor buffer = at::empty({block_size}, prep.source[0].options());
     Scratch<scalar_t> scratch;
-    scratch.between.resize(widest_source);
+    scratch.between.resize(between_size);
     if (target_block_size > 0) {
       scratch.target_block = at::empty({target_block_size}, prep.source[0].options());
       scratch.target_grad_block = at::empty({target_block_size}, prep.source[0].options());
@@ -306,10 +491,9 @@ void for_each_block(const Prepared& prep, at::IntArrayRef pair_source, bool side
               const int64_t cs = s.size(1), plane = s.size(2) * s.size(3);
               const int64_t resized = s.size(2) * t.size(3);
               columns_of[i] = columns;
-              for (int64_t c = 0; c < samples * cs; ++c, columns += resized) {
-                resample.resize_columns(s.data_ptr<scalar_t>() + b0 * cs * plane + c * plane,
-                                        columns);
-              }
+              resample.resize_columns(s.data_ptr<scalar_t>() + b0 * cs * plane, samples * cs,
+                                      columns);
+              columns += samples * cs * resized;
             }
             for (int64_t p0 = 0; p0 < hw; p0 += tile) {
               Block block;
@@ -411,10 +595,7 @@ at::Tensor channel_errors_cpu(at::TensorList source, at::TensorList target,
               for (int64_t c = 0; c < cs; ++c) {
                 const scalar_t* row =
                     d_data + (group.row_offset[k] + c) * block.width + sample * len;
-                scalar_t sum = 0;
-                _Pragma("omp simd reduction(+ : sum)")
-                for (int64_t j = 0; j < len; ++j) sum += row[j] * row[j];
-                e_b[c] += sum * inv_hw;
+                e_b[c] += dot(row, row, len) * inv_hw;
               }
             }
           }
@@ -466,9 +647,7 @@ void add_chunk_sums(GroupSums& total, const std::vector<const GroupSums*>& chunk
     }
     scalar_t* out = sum.data_ptr<scalar_t>();
     at::parallel_for(0, sum.numel(), 4096, [&](int64_t begin, int64_t end) {
-      for (const scalar_t* part : data) {
-        for (int64_t j = begin; j < end; ++j) out[j] += part[j];
-      }
+      for (const scalar_t* part : data) add_to(out + begin, part + begin, end - begin);
     });
   };
   for (size_t g = 0; g < total.weight.size(); ++g) {
@@ -522,23 +701,13 @@ void scale_rows(scalar_t* block, const scalar_t* scaled_grad_b, const TargetGrou
       const int64_t r = group.row_offset[k] + c, column = plan.column_offset[i] + c;
       const scalar_t factor = scaled_grad_b[column];
       scalar_t* row = block + r * stride;
-      scalar_t sum = 0;
+      scalar_t sum;
       if (errors_b) {
-        scalar_t squares = 0;
-        _Pragma("omp simd reduction(+ : sum, squares)")
-        for (int64_t j = 0; j < len; ++j) {
-          const scalar_t value = row[j];
-          squares += value * value;
-          row[j] = value * factor;
-          sum += row[j];
-        }
+        scalar_t squares;
+        sum = scale_and_sum_squares(row, factor, len, squares);
         errors_b[column] += squares * inv_hw;
       } else {
-        _Pragma("omp simd reduction(+ : sum)")
-        for (int64_t j = 0; j < len; ++j) {
-          row[j] *= factor;
-          sum += row[j];
-        }
+        sum = scale_and_sum(row, factor, len);
       }
       if (minus_row_sums) minus_row_sums[r] -= sum;
     }
@@ -794,10 +963,7 @@ channel_errors_double_backward_cpu(const at::Tensor& grad_errors,
               const int64_t r = group.row_offset[k] + c, col = plan.column_offset[i] + c;
               const scalar_t* ur = u_data + r * len;
               const scalar_t* dr = d_data + r * len;
-              scalar_t sum = 0;
-              _Pragma("omp simd reduction(+ : sum)")
-              for (int64_t j = 0; j < len; ++j) sum += ur[j] * dr[j];
-              gge[b * plan.columns + col] += sum * cscale[col];
+              gge[b * plan.columns + col] += dot(ur, dr, len) * cscale[col];
             }
           }
           const scalar_t* sg_b = sg + b * plan.columns;

@@ -271,6 +271,25 @@ def test_nan_in_one_pair_leaves_the_other_pairs_terms(backend, channel_weights):
                                atol=1e-11)
 
 
+WIDE_RESIZES = [(8, 32), (16, 32), (13, 40), (32, 16), (33, 16), (64, 8), (100, 40), (40, 100),
+                (17, 16)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("source_width, target_width", WIDE_RESIZES)
+@pytest.mark.parametrize("source_height, target_height", [(3, 5), (5, 3)])
+def test_float32_resize_along_wide_rows(backend, source_width, target_width, source_height,
+                                        target_height):
+    # On AVX-512 the CPU kernels resize float32 rows by permuting windows of 32 inputs where
+    # 16 outputs read within one, and by scalar loads where they do not (64 -> 8, 100 -> 40):
+    # whole windows, windows cut at the row's end, and both kinds in one row; rows upsampled
+    # (each source row resized once) and downsampled (blended rows resized).
+    problem = random_problem([(2, 3, source_height, source_width)],
+                             [(2, 4, target_height, target_width)], [(0, 0)],
+                             dtype=torch.float32, generator=torch.Generator().manual_seed(4))
+    check_against_spec(problem, backend, rtol=1e-4, atol=1e-5)
+
+
 RESIZES = [((2, 2), (4, 4)), ((3, 3), (5, 4)), ((4, 4), (2, 2)), ((3, 5), (3, 2)),
            ((2, 3), (6, 3)), ((5, 4), (3, 7))]
 
