@@ -31,11 +31,11 @@ constexpr int64_t kTile = 256;  // HW positions per block: [rows, 256] floats st
 
 // Row loops, on rows of a block in cache. Each is compiled for x86-64-v4 (AVX-512), v3
 // (AVX2) and the build's baseline (SSE2), and the loader picks the clone for the CPU
-// (function multiversioning). The build passes -ffp-contract=off, so no clone fuses a multiply and an add that the
-// baseline rounds twice; the clones differ only in the order of a row's sums, and the
-// results still do not depend on the thread count. The sums are `omp simd` reductions:
-// without that, the compiler keeps the sequential order of the additions and does not
-// vectorise them.
+// (function multiversioning). The build passes -ffp-contract=off, so no clone fuses a
+// multiply and an add that the baseline rounds twice; the clones differ only in the order
+// of a row's sums, and the results still do not depend on the thread count. The sums are
+// `omp simd` reductions: without that, the compiler keeps the sequential order of the
+// additions and does not vectorise them.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define L2T_ROW_LOOP __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -71,9 +71,12 @@ L2T_ROW_LOOP void gather_blend(const scalar_t* in, const int64_t* lo, const scal
                                const int64_t* hi, const scalar_t* hi_weight, scalar_t minus,
                                scalar_t* out, int64_t n) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) out[j] = lo_weight[j] * in[lo[j]] + hi_weight[j] * in[hi[j]] - minus;
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = lo_weight[j] * in[lo[j]] + hi_weight[j] * in[hi[j]] - minus;
+  }
 }
 
+// sum_j a[j] * b[j].
 template <typename scalar_t>
 L2T_ROW_LOOP scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   scalar_t sum = 0;
@@ -120,9 +123,9 @@ L2T_ROW_LOOP void add_to(scalar_t* out, const scalar_t* in, int64_t n) {
 // gather_blend of a resize along rows (`rows` of them, `size` inputs and `n` outputs apart),
 // for float32 on AVX-512, without gathers: gathers run no faster than scalar loads here
 // (0.75 ns an element either way; leaving the resize out took 1.2 ms off the 35.5 ms of the
-// "cifar" step), but the inputs of 16
-// consecutive outputs of a resize by a factor >= 1/2 lie within 32 consecutive inputs, which
-// two loads bring into registers and a two-register permute distributes (`vpermt2ps`).
+// "cifar" step), but the inputs of 16 consecutive outputs of a resize by a factor >= 1/2
+// lie within 32 consecutive inputs, which two loads bring into registers and a
+// two-register permute distributes (`vpermt2ps`).
 // Run r of 16 outputs reads in[start[r] .. start[r] + 32), its lanes at lo[j] - start[r] and
 // hi[j] - start[r] (`lo_offset`, `hi_offset`), or, where start[r] is -1 (a stronger
 // downsampling), by scalar loads at lo[j] and hi[j] (the offsets are then the indices
@@ -138,14 +141,16 @@ __attribute__((target("avx512f"))) void windowed_blend(
     const float* hi_weight, float minus, float* out, int64_t n) {
   const __m512 minus_v = _mm512_set1_ps(minus);
   auto lanes = [](int64_t count) {
-    return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
+    if (count <= 0) return __mmask16(0);
+    return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
   };
   for (int64_t j = 0, run = 0; j < n; j += kWindowLanes, ++run) {
     if (start[run] < 0) {
       for (int64_t r = 0; r < rows; ++r) {
         const float* row = in + r * size;
         for (int64_t k = j; k < std::min(n, j + kWindowLanes); ++k) {
-          out[r * n + k] = lo_weight[k] * row[lo_offset[k]] + hi_weight[k] * row[hi_offset[k]] - minus;
+          out[r * n + k] =
+              lo_weight[k] * row[lo_offset[k]] + hi_weight[k] * row[hi_offset[k]] - minus;
         }
       }
       continue;
