@@ -563,7 +563,15 @@ void write_target_grad(at::Tensor& out, const Prepared& prep, const Block& block
   } else {
     dest = scratch.target_grad_block.narrow(0, 0, ct * block.width).view({ct, block.width});
   }
-  at::addmm_out(dest, dest, w.t(), grad, 0, -1);
+  // Zeroed here, in cache, and accumulated into (beta = 1): MKL's beta = 0 runs a scaling
+  // pass of its own over the destination, slower than these fills.
+  if (dest.stride(1) == 1) {
+    scalar_t* dest_data = dest.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < ct; ++c) std::fill_n(dest_data + c * dest.stride(0), block.width, 0);
+  } else {  // a channels_last map
+    dest.zero_();
+  }
+  dest.addmm_(w.t(), grad, 1, -1);
   if (extra_weight) dest.addmm_(extra_weight->t(), extra_grad, 1, -1);
   if (block.samples > 1) {
     out.narrow(0, block.first_sample, block.samples)
